@@ -1,0 +1,62 @@
+"""Facts about ViT-family architectures in transformers, looked up in one place.
+
+Default target modules, the number of special tokens in front of the patch tokens (CLS, distillation, registers) and
+the patch grid are all derived from the model's config here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# q/k/v of every encoder block; transformers 5 names them q_proj/k_proj/v_proj, 4.x named them query/key/value.
+_QKV = ["q_proj", "k_proj", "v_proj", "query", "key", "value"]
+# composite image-text models also have a text tower with q/k/v: restrict the defaults to the vision tower
+_VISION_TOWER_QKV = r".*vision_model.*\.(q_proj|k_proj|v_proj)"
+
+VIT_FAMILY_TARGET_MODULES: dict[str, Any] = {
+    "vit": _QKV,
+    "deit": _QKV,
+    "beit": _QKV,
+    "data2vec-vision": _QKV,
+    "dinov2": _QKV,
+    "dinov2_with_registers": _QKV,
+    "vit_msn": _QKV,
+    "ijepa": _QKV,
+    "clip_vision_model": _QKV,
+    "siglip_vision_model": _QKV,
+    "siglip2_vision_model": _QKV,
+    "clip": _VISION_TOWER_QKV,
+    "siglip": _VISION_TOWER_QKV,
+    "siglip2": _VISION_TOWER_QKV,
+}
+
+# Layers whose inputs are the same tensor, so that one router (and one routing decision) can serve them.
+DEFAULT_SHARED_ROUTER_GROUPS: list[list[str]] = [["q_proj", "k_proj", "v_proj"], ["query", "key", "value"]]
+
+
+def _vision_config(config: Any) -> Any:
+    return getattr(config, "vision_config", None) or config
+
+
+def num_prefix_tokens_from_config(config: Any) -> int:
+    """Special tokens before the patch tokens: CLS (+ distillation token for DeiT, + registers for DINOv2-reg)."""
+    vision = _vision_config(config)
+    model_type = getattr(vision, "model_type", "")
+    if model_type.startswith("siglip"):
+        return 0  # SigLIP pools with an attention head: no CLS token
+    if model_type in VIT_FAMILY_TARGET_MODULES:
+        extra = 1 if model_type == "deit" else 0
+        return 1 + extra + int(getattr(vision, "num_register_tokens", 0) or 0)
+    return 0
+
+
+def patch_grid_from_config(config: Any) -> tuple[int, int] | None:
+    """(rows, cols) of the patch grid at the config's image size, or None when the config does not say."""
+    vision = _vision_config(config)
+    image_size = getattr(vision, "image_size", None)
+    patch_size = getattr(vision, "patch_size", None)
+    if image_size is None or patch_size is None:
+        return None
+    image_hw = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+    patch_hw = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+    return int(image_hw[0]) // int(patch_hw[0]), int(image_hw[1]) // int(patch_hw[1])

@@ -1,0 +1,100 @@
+"""Kronecker (PHM) adapter experts, applied in factored form.
+
+Expert ``e`` of a layer with ``in_features = n * p`` and ``out_features = n * q`` has the weight
+
+    H_e = sum_k  S_k ⊗ (L_{e,k} R_{e,k})          (in_features x out_features, used as y = x H_e)
+
+with ``n`` rule matrices ``S_k`` (n x n, shared by the experts), ``L_{e,k}`` (p x r) and ``R_{e,k}`` (r x q). Writing
+the token as ``X = x.view(n, p)`` (row-major), ``(A ⊗ B)`` acts as ``x (A ⊗ B) = vec(Aᵀ X B)``, so
+
+    x H_e = vec( sum_k S_kᵀ X L_{e,k} R_{e,k} ),
+
+which costs O(E r n (in + out + n²)) per token and never forms ``H_e`` (``E * in * out`` numbers) in forward or
+backward. The routing weights are folded in before the last contraction, so the experts' outputs are never
+materialised one by one either.
+
+Parameter shapes: ``rules`` (n, n, n) as [k, a, c]; ``left`` (E, n, p, r) as [e, k, b, r]; ``right`` (E, n, r, q) as
+[e, k, r, d]; ``bias`` (E, out_features).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kron_shapes(in_features: int, out_features: int, factor: int) -> tuple[int, int]:
+    """Return (p, q) = (in_features / n, out_features / n), or raise if n does not tile the layer."""
+    if in_features % factor or out_features % factor:
+        divisors = [d for d in range(1, min(in_features, out_features) + 1)
+                    if in_features % d == 0 and out_features % d == 0]
+        raise ValueError(
+            f"kron_factor={factor} cannot tile a {in_features} -> {out_features} layer: it must divide both "
+            f"dimensions. Choose one of {divisors[-8:]} (or exclude this layer)."
+        )
+    return in_features // factor, out_features // factor
+
+
+def init_kron_experts(
+    in_features: int, out_features: int, num_experts: int, factor: int, rank: int, zero_right: bool = True
+) -> dict[str, torch.Tensor]:
+    """Fresh expert tensors; with ``zero_right`` the experts output exactly zero (adapted model == base)."""
+    p, q = kron_shapes(in_features, out_features, factor)
+    rules = torch.randn(factor, factor, factor) / math.sqrt(factor)
+    left = torch.randn(num_experts, factor, p, rank) / math.sqrt(p)
+    if zero_right:
+        right = torch.zeros(num_experts, factor, rank, q)
+    else:
+        right = torch.randn(num_experts, factor, rank, q) / math.sqrt(rank * factor)
+    bias = torch.zeros(num_experts, out_features)
+    return {"rules": rules, "left": left, "right": right, "bias": bias}
+
+
+def kron_moe_forward(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    rules: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """Mixture of Kronecker experts, ``sum_e gates[..., e] * (x H_e + bias_e)``, without forming any ``H_e``.
+
+    Args:
+        x: tokens, shape (..., in_features).
+        gates: routing weights, shape (..., E) (zero for unselected experts).
+        rules, left, right, bias: expert parameters (see module docstring).
+
+    Returns:
+        Tensor of shape (..., out_features).
+    """
+    num_experts, n, p, r = left.shape
+    q = right.shape[-1]
+    lead = x.shape[:-1]
+    x = x.reshape(-1, n, p)  # T, n_a, p
+    g = gates.reshape(-1, num_experts).to(x.dtype)  # T, E
+    # X L: contract p for every expert and rule at once -> T, n_a, (E n_k r)
+    u = x @ left.permute(2, 0, 1, 3).reshape(p, num_experts * n * r)
+    u = u.view(-1, n, num_experts, n, r)  # T, a, e, k, r
+    # S_kᵀ (X L_{e,k}): contract a -> T, e, k, c, r
+    v = torch.einsum("taekr,kac->tekcr", u, rules)
+    v = v * g[:, :, None, None, None]
+    # contract (e, k, r) with R -> T, c, q
+    v = v.permute(0, 3, 1, 2, 4).reshape(-1, n, num_experts * n * r)
+    y = v @ right.reshape(num_experts * n * r, q)
+    y = y.reshape(-1, n * q) + g @ bias
+    return y.reshape(*lead, n * q)
+
+
+def kron_expert_weights(rules: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Dense expert weights ``H`` of shape (E, in_features, out_features) built with ``torch.kron``.
+
+    A reference for tests and inspection only: the forward pass never calls it.
+    """
+    num_experts, n = left.shape[:2]
+    weights = []
+    for e in range(num_experts):
+        h = sum(torch.kron(rules[k], left[e, k] @ right[e, k]) for k in range(n))
+        weights.append(h)
+    return torch.stack(weights)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything peft-gnnmoe, its tests and its recipes need, into the current Python environment.
+# Safe to run again. Uses the CPU wheel of torch 2.13.0 (pin it: a bare `torch` pulls a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+
+# --- system packages (Debian): data and tools the recipes and tests use offline ---
+APT_PACKAGES="dataset-fashion-mnist"
+# (sink / AVSR section: add Debian packages here)
+APT_PACKAGES="$APT_PACKAGES"
+missing=""
+for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+  else
+    echo "warning: cannot install Debian packages ($missing); the recipes' embedded defaults need them" >&2
+  fi
+fi
+
+# --- Python packages ---
+$PY -m pip install -q torch==2.13.0 -e ".[dev]"
+# (sink section: packages installed without their dependencies go here)
+# (dg section)
+# (avsr section)

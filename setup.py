@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="peft-gnnmoe",
+    version="0.1.0",
+    description=(
+        "GNN-MoE (graph-routed Kronecker adapter experts for ViTs) and sink decorrelation for LLMs, "
+        "as Hugging Face PEFT tuner types."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["peft_gnnmoe", "peft_gnnmoe.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "peft>=0.21",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "torch-geometric>=2.6",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.30",
+        "matplotlib>=3.7",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["peft-gnnmoe=peft_gnnmoe.cli:main"]},
+)
