@@ -270,3 +270,14 @@ def test_deepcopy_keeps_router_sharing(images):
 
 def test_package_exports():
     assert peft_gnnmoe.GNNMoEConfig is GNNMoEConfig
+
+
+def test_experts_without_bias(images, labels):
+    with_bias = get_peft_model(make_vit(), GNNMoEConfig())
+    without = get_peft_model(make_vit(), GNNMoEConfig(expert_bias=False, init_weights=False))
+    assert not any("gnnmoe_bias" in n for n, _ in without.named_parameters())
+    n_with = sum(p.numel() for p in with_bias.parameters() if p.requires_grad)
+    n_without = sum(p.numel() for p in without.parameters() if p.requires_grad)
+    assert n_with - n_without == 2 * 3 * 4 * 32  # blocks x layers x experts x out_features
+    without.train()
+    without(pixel_values=images).logits.sum().backward()

@@ -129,6 +129,9 @@ class GNNMoEConfig(PeftConfig):
         default=True,
         metadata={"help": "Add the routers' auxiliary loss to `outputs.loss` whenever the model returns a loss."},
     )
+    expert_bias: bool = field(
+        default=True, metadata={"help": "Give every expert its own trainable bias b_e (E x out_features numbers)."}
+    )
     expert_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
     init_weights: bool = field(
         default=True,

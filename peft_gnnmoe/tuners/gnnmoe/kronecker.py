@@ -14,7 +14,7 @@ backward. The routing weights are folded in before the last contraction, so the 
 materialised one by one either.
 
 Parameter shapes: ``rules`` (n, n, n) as [k, a, c]; ``left`` (E, n, p, r) as [e, k, b, r]; ``right`` (E, n, r, q) as
-[e, k, r, d]; ``bias`` (E, out_features).
+[e, k, r, d]; ``bias`` (E, out_features), optional.
 """
 
 from __future__ import annotations
@@ -57,14 +57,14 @@ def kron_moe_forward(
     rules: torch.Tensor,
     left: torch.Tensor,
     right: torch.Tensor,
-    bias: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """Mixture of Kronecker experts, ``sum_e gates[..., e] * (x H_e + bias_e)``, without forming any ``H_e``.
 
     Args:
         x: tokens, shape (..., in_features).
         gates: routing weights, shape (..., E) (zero for unselected experts).
-        rules, left, right, bias: expert parameters (see module docstring).
+        rules, left, right, bias: expert parameters (see module docstring); ``bias`` may be None.
 
     Returns:
         Tensor of shape (..., out_features).
@@ -83,7 +83,9 @@ def kron_moe_forward(
     # contract (e, k, r) with R -> T, c, q
     v = v.permute(0, 3, 1, 2, 4).reshape(-1, n, num_experts * n * r)
     y = v @ right.reshape(num_experts * n * r, q)
-    y = y.reshape(-1, n * q) + g @ bias
+    y = y.reshape(-1, n * q)
+    if bias is not None:
+        y = y + g @ bias
     return y.reshape(*lead, n * q)
 
 

@@ -47,7 +47,7 @@ class GNNMoELayer(BaseTunerLayer):
     """Adapter state of a GNN-MoE layer, per adapter name.
 
     Trainable: ``gnnmoe_rules`` (n, n, n), ``gnnmoe_left`` (E, n, in/n, r), ``gnnmoe_right`` (E, n, r, out/n),
-    ``gnnmoe_bias`` (E, out) and ``gnnmoe_router`` (the GNN router, registered only on the layer that owns it; layers
+    ``gnnmoe_bias`` (E, out; optional) and ``gnnmoe_router`` (the GNN router, registered only on the layer that owns it; layers
     in a shared-router group hold a plain reference in ``gnnmoe_router_ref``).
     """
 
@@ -90,7 +90,8 @@ class GNNMoELayer(BaseTunerLayer):
         self.gnnmoe_rules[adapter_name] = nn.Parameter(tensors["rules"])
         self.gnnmoe_left[adapter_name] = nn.Parameter(tensors["left"])
         self.gnnmoe_right[adapter_name] = nn.Parameter(tensors["right"])
-        self.gnnmoe_bias[adapter_name] = nn.Parameter(tensors["bias"])
+        if config.expert_bias:
+            self.gnnmoe_bias[adapter_name] = nn.Parameter(tensors["bias"])
         self.gnnmoe_dropout[adapter_name] = (
             nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
         )
@@ -161,7 +162,7 @@ class Linear(nn.Module, GNNMoELayer):
                 self.gnnmoe_rules[adapter],
                 left,
                 self.gnnmoe_right[adapter],
-                self.gnnmoe_bias[adapter],
+                self.gnnmoe_bias[adapter] if adapter in self.gnnmoe_bias else None,
             )
             result = result + delta.reshape(result.shape).to(result.dtype)
         return result
