@@ -206,12 +206,16 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(images, labels):
         torch.testing.assert_close(grads[name], grads_ckpt[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_bf16_autocast_and_bf16_model(images, labels):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_and_half_precision_model(dtype, images, labels):
     model = get_peft_model(make_vit(), GNNMoEConfig(init_weights=False, modules_to_save=["classifier"]))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(pixel_values=images, labels=labels)
     assert torch.isfinite(out.loss)
     out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if dtype is torch.float16:
+        return
     bf16 = get_peft_model(make_vit().to(torch.bfloat16), GNNMoEConfig(init_weights=False))
     logits = bf16(pixel_values=images.to(torch.bfloat16)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -217,10 +217,27 @@ class GNNMoEConfig(PeftConfig):
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
             names = set(os.listdir(folder))
-            if "adapter_model.bin" in names and "adapter_model.safetensors" not in names:
-                raise ValueError(
-                    f"{folder} holds pickled weights (adapter_model.bin) and no adapter_model.safetensors. "
-                    "peft-gnnmoe only reads safetensors: re-save the adapter with save_pretrained("
-                    "safe_serialization=True)."
-                )
+            pickled_only = "adapter_model.bin" in names and "adapter_model.safetensors" not in names
+        else:
+            pickled_only = _hub_repo_has_only_pickled_weights(pretrained_model_name_or_path, subfolder, kwargs)
+        if pickled_only:
+            raise ValueError(
+                f"{folder} holds pickled weights (adapter_model.bin) and no adapter_model.safetensors. "
+                "peft-gnnmoe only reads safetensors: re-save the adapter with save_pretrained("
+                "safe_serialization=True)."
+            )
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def _hub_repo_has_only_pickled_weights(repo_id: str, subfolder: Optional[str], kwargs: dict) -> bool:
+    """True when a Hub repo has adapter_model.bin but no adapter_model.safetensors; False when unsure (offline)."""
+    try:
+        from huggingface_hub import file_exists
+
+        def exists(name: str) -> bool:
+            path = f"{subfolder}/{name}" if subfolder else name
+            return file_exists(repo_id, path, revision=kwargs.get("revision"), token=kwargs.get("token"))
+
+        return not exists("adapter_model.safetensors") and exists("adapter_model.bin")
+    except Exception:  # offline, private repo, or not a repo id: let peft's own loading report it
+        return False
