@@ -151,7 +151,8 @@ def main() -> None:
         r["params_vs_lora"] = r["trainable_params"] / lora["trainable_params"]
     layer = time_layers(tokens=args.batch * 197, repeats=10)
 
-    print(f"\nViT-B/16 shape, {args.layers} blocks, batch {args.batch}, 224 px, CPU ({torch.get_num_threads()} threads); "
+    threads = torch.get_num_threads()
+    print(f"\nViT-B/16 shape, {args.layers} blocks, batch {args.batch}, 224 px, CPU ({threads} threads); "
           "q/k/v adapted; GNN-MoE " + ", ".join(f"{k}={v}" for k, v in GNNMOE_BUDGET.items())
           + " (router_hidden=8 for SAGE)")
     print("\n| method | trainable params | step (s) | × LoRA time | peak extra MB | × LoRA memory |")

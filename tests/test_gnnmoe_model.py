@@ -285,3 +285,17 @@ def test_experts_without_bias(images, labels):
     assert n_with - n_without == 2 * 3 * 4 * 32  # blocks x layers x experts x out_features
     without.train()
     without(pixel_values=images).logits.sum().backward()
+
+
+def test_re_adding_a_deleted_adapter_gets_fresh_routers(images):
+    model = get_peft_model(make_vit(), GNNMoEConfig())
+    model.add_adapter("extra", GNNMoEConfig(num_experts=2, top_k=1))
+    old = model.base_model.model.vit.layers[0].attention.q_proj.gnnmoe_router["extra"]
+    model.delete_adapter("extra")
+    model.add_adapter("extra", GNNMoEConfig(num_experts=3, top_k=1))
+    attn = model.base_model.model.vit.layers[0].attention
+    new = attn.q_proj.gnnmoe_router["extra"]
+    assert new is not old and new.num_experts == 3
+    assert attn.k_proj.gnnmoe_router_ref["extra"] is new and attn.v_proj.gnnmoe_router_ref["extra"] is new
+    model.set_adapter("extra")
+    model(pixel_values=images)

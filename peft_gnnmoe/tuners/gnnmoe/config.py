@@ -229,7 +229,7 @@ class GNNMoEConfig(PeftConfig):
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
 
-def _hub_repo_has_only_pickled_weights(repo_id: str, subfolder: Optional[str], kwargs: dict) -> bool:
+def _hub_repo_has_only_pickled_weights(repo_id: str, subfolder: str | None, kwargs: dict) -> bool:
     """True when a Hub repo has adapter_model.bin but no adapter_model.safetensors; False when unsure (offline)."""
     try:
         from huggingface_hub import file_exists

@@ -47,8 +47,8 @@ class GNNMoELayer(BaseTunerLayer):
     """Adapter state of a GNN-MoE layer, per adapter name.
 
     Trainable: ``gnnmoe_rules`` (n, n, n), ``gnnmoe_left`` (E, n, in/n, r), ``gnnmoe_right`` (E, n, r, out/n),
-    ``gnnmoe_bias`` (E, out; optional) and ``gnnmoe_router`` (the GNN router, registered only on the layer that owns it; layers
-    in a shared-router group hold a plain reference in ``gnnmoe_router_ref``).
+    ``gnnmoe_bias`` (E, out; optional) and ``gnnmoe_router`` (the GNN router, registered only on the layer that owns
+    it; layers in a shared-router group hold a plain reference in ``gnnmoe_router_ref``).
     """
 
     adapter_layer_names: tuple[str, ...] = (

@@ -51,8 +51,7 @@ class GNNMoEModel(BaseTuner):
                 raise ValueError(
                     f"GNN-MoE has no default target modules for model_type={model_type!r}. Pass "
                     "GNNMoEConfig(target_modules=[...]) naming Linear layers that see (batch, tokens, features) "
-                    "input; "
-                    f"defaults exist for {sorted(self.target_module_mapping)}."
+                    f"input; defaults exist for {sorted(self.target_module_mapping)}."
                 )
         return super()._prepare_adapter_config(peft_config, model_config)
 
@@ -84,12 +83,7 @@ class GNNMoEModel(BaseTuner):
                 f"GNN-MoE adapts torch.nn.Linear layers only; {current_key} is {type(base).__name__}. "
                 "Narrow target_modules to Linear layers."
             )
-        if not hasattr(self, "_gnnmoe_group_routers"):
-            self._gnnmoe_group_routers: dict[tuple[str, str, int], GraphRouter] = {}
-        group_key = self._router_group(config, adapter_name, target_name, current_key)
-        shared = self._gnnmoe_group_routers.get(group_key) if group_key is not None else None
-        if shared is not None and shared.convs[0].in_channels != base.in_features:
-            shared = None  # same name group but another input width: cannot share
+        shared = self._sibling_router(config, adapter_name, target_name, parent, base.in_features)
         try:
             if isinstance(target, GNNMoELayer):
                 target.update_layer(adapter_name, config, shared_router=shared)
@@ -103,17 +97,24 @@ class GNNMoEModel(BaseTuner):
             raise ValueError(f"Cannot adapt {current_key}: {err}") from err
         router = layer.gnnmoe_router_ref[adapter_name]
         router.num_prefix_tokens, router.grid_hint = self._token_layout(config)
-        if group_key is not None and shared is None:
-            self._gnnmoe_group_routers[group_key] = router
 
     @staticmethod
-    def _router_group(
-        config: GNNMoEConfig, adapter_name: str, target_name: str, current_key: str
-    ) -> tuple[str, str, int] | None:
-        """Layers named in the same shared-router group under the same parent share one router per adapter."""
-        for index, names in enumerate(config.shared_router_groups):
-            if target_name in names:
-                return adapter_name, current_key.rpartition(".")[0], index
+    def _sibling_router(
+        config: GNNMoEConfig, adapter_name: str, target_name: str, parent: nn.Module, in_features: int
+    ) -> GraphRouter | None:
+        """The router of an already adapted sibling in the same shared-router group (same parent, same input width)."""
+        for names in config.shared_router_groups:
+            if target_name not in names:
+                continue
+            for sibling_name in names:
+                sibling = getattr(parent, sibling_name, None)
+                if (
+                    isinstance(sibling, GNNMoELayer)
+                    and sibling_name != target_name
+                    and adapter_name in sibling.gnnmoe_router_ref
+                    and sibling.in_features == in_features
+                ):
+                    return sibling.gnnmoe_router_ref[adapter_name]
         return None
 
     def _post_injection_hook(self, model: nn.Module, config: GNNMoEConfig, adapter_name: str) -> None:
