@@ -1,0 +1,68 @@
+"""Shared plumbing of the analysis functions: model unwrapping, batches, eval mode, BOS positions."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..tuners.sink_decorrelation.layers import unwrap_model
+from ..tuners.sink_decorrelation.loss import find_bos_positions, valid_token_mask
+
+Batch = Mapping[str, Any] | torch.Tensor
+
+
+def as_batch(batch: Batch) -> dict[str, Any]:
+    """A dict of forward kwargs; a bare tensor is taken as ``input_ids`` (a 1-D one as a single sequence)."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
+    batch = dict(batch)
+    if batch.get("input_ids") is None and batch.get("inputs_embeds") is None:
+        raise ValueError("the batch needs input_ids or inputs_embeds.")
+    return batch
+
+
+def batch_shape(batch: dict[str, Any]) -> tuple[int, int, torch.device]:
+    reference = batch.get("input_ids") if batch.get("input_ids") is not None else batch["inputs_embeds"]
+    return reference.shape[0], reference.shape[1], reference.device
+
+
+def valid_mask(batch: dict[str, Any]) -> torch.Tensor:
+    batch_size, seq_len, device = batch_shape(batch)
+    return valid_token_mask(batch.get("attention_mask"), batch_size, seq_len, device)
+
+
+def bos_positions_for(
+    model: nn.Module,
+    batch: dict[str, Any],
+    bos: Literal["first", "token"] = "first",
+    bos_positions: int | torch.Tensor | None = None,
+    bos_token_id: int | None = None,
+) -> torch.Tensor:
+    """BOS index per sequence (see ``find_bos_positions``); ``bos="first"`` is the analysis default."""
+    if bos_token_id is None and bos == "token":
+        config = getattr(model, "config", None)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        bos_token_id = getattr(config, "bos_token_id", None)
+    return find_bos_positions(valid_mask(batch), batch.get("input_ids"), bos_token_id, bos, bos_positions)
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Yield the transformers model in eval mode under ``torch.no_grad``; restore the training flag afterwards."""
+    base = unwrap_model(model)
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.no_grad():
+            yield base
+    finally:
+        base.train(was_training)
+
+
+def to_list(tensor: torch.Tensor, digits: int = 5) -> list:
+    """Nested lists of rounded floats (JSON-friendly)."""
+    return torch.round(tensor.detach().float().cpu(), decimals=digits).tolist()

@@ -1,0 +1,98 @@
+"""Cosine similarity of every token's residual stream to the BOS token's, per decoder layer.
+
+Intermediate attention sinks have hidden states close to BOS's (arXiv 2510.22603); this is the quantity the
+decorrelation loss pushes down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..tuners.sink_decorrelation.layers import LayerSpec, find_decoder_layers, resolve_layer_indices
+from ..tuners.sink_decorrelation.loss import cosine_to_bos, decorrelation_token_mask
+from ._inputs import Batch, as_batch, bos_positions_for, inference, to_list, valid_mask
+
+
+@dataclass
+class BosCosineReport:
+    """Result of :func:`bos_cosine_similarity`; ``to_dict()`` is JSON-serialisable.
+
+    ``cosine[b][i][t]`` is the similarity at layer ``layers[i]`` (None at padding); ``mean_per_layer[i]`` the mean
+    over valid non-BOS tokens of the batch and ``mean`` its average over the layers; ``mean_abs*`` the same for
+    ``|cos|`` (what the decorrelation loss drives to 0, whatever the sign).
+    """
+
+    layers: list[int]
+    bos_positions: list[int]
+    cosine: list
+    mean_per_layer: list[float]
+    mean: float
+    mean_abs_per_layer: list[float]
+    mean_abs: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bos_cosine_similarity(
+    model: nn.Module,
+    batch: Batch,
+    layers: LayerSpec = "all",
+    bos: Literal["first", "token"] = "first",
+    bos_positions: int | torch.Tensor | None = None,
+    layers_module: str | None = None,
+) -> BosCosineReport:
+    """Cosine of each token to BOS at the chosen decoder layers' outputs, captured with forward hooks.
+
+    Args:
+        model: a transformers model (or a ``PeftModel`` around one).
+        batch: forward kwargs or an id tensor.
+        layers: ``"all"``, ``"all_but_last"`` or a list of layer indices.
+        bos: ``"first"`` (first valid position, default) or ``"token"`` (the model's ``bos_token_id``).
+        bos_positions: explicit BOS index per sequence (overrides ``bos``).
+        layers_module: path of the decoder layers if not found automatically.
+    """
+    batch = as_batch(batch)
+    valid = valid_mask(batch)
+    with inference(model) as base:
+        positions = bos_positions_for(base, batch, bos, bos_positions)
+        _, stack = find_decoder_layers(base, layers_module)
+        indices = resolve_layer_indices(layers, len(stack))
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(index: int, module, args, output) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            captured[index] = cosine_to_bos(hidden, positions.to(hidden.device))
+
+        handles = [stack[i].register_forward_hook(lambda m, a, o, i=i: hook(i, m, a, o)) for i in indices]
+        try:
+            base(**batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    cosine = torch.stack([captured[i].cpu() for i in indices], dim=1)  # B, L, T
+    tokens = decorrelation_token_mask(valid, positions).cpu()  # valid and not BOS
+    weights = tokens[:, None].float()
+    count = weights.sum(dim=(0, 2)).clamp_min(1.0)
+    mean_per_layer = (cosine * weights).sum(dim=(0, 2)) / count
+    mean_abs_per_layer = (cosine.abs() * weights).sum(dim=(0, 2)) / count
+    cosine_list = to_list(cosine, 4)
+    for b, row in enumerate(valid.cpu().tolist()):  # padding -> None
+        for per_layer in cosine_list[b]:
+            for t, is_valid in enumerate(row):
+                if not is_valid:
+                    per_layer[t] = None
+    return BosCosineReport(
+        layers=indices,
+        bos_positions=positions.cpu().tolist(),
+        cosine=cosine_list,
+        mean_per_layer=[round(v, 5) for v in mean_per_layer.tolist()],
+        mean=round(mean_per_layer.mean().item(), 5),
+        mean_abs_per_layer=[round(v, 5) for v in mean_abs_per_layer.tolist()],
+        mean_abs=round(mean_abs_per_layer.mean().item(), 5),
+    )
