@@ -1,8 +1,8 @@
 """Training-step time and peak memory of GNN-MoE (each router) against PEFT LoRA and PEFT LoKr, in one run.
 
 Every variant adapts the same ViT (ViT-B/16 shape, fewer blocks, random init, 224 px, CPU) and runs in its own
-subprocess, so that peak memory is measured in isolation: the peak resident set size during the timed
-forward+backward steps minus the resident size before them (activations, gradients and autograd buffers).
+subprocess, so that peak memory is measured in isolation: the peak resident set size over the steps minus the
+resident size before the first one (activations, gradients and autograd buffers).
 A second part times one adapted 768x768 layer: GNN-MoE's factored Kronecker expert against PEFT LoKr's layer (which
 builds the Kronecker product every call) at the same factor shapes.
 
@@ -77,9 +77,8 @@ def run_variant(variant: str, layers: int, batch: int, steps: int) -> dict:
         model.zero_grad(set_to_none=True)
         model(pixel_values=pixels, labels=labels).loss.backward()
 
+    rss_before = _rss_bytes()  # before the first step: its allocations count, later steps may reuse them
     step()  # warm-up
-    model.zero_grad(set_to_none=True)
-    rss_before = _rss_bytes()
     times = []
     for _ in range(steps):
         start = time.perf_counter()

