@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification
 
 METHODS = ("gnnmoe", "lora", "lokr", "probe", "full")
 ROUTERS = ("gcn", "gat", "sage")
-# default learning rates (AdamW, constant); see docs/dg.md for how they were chosen
+# default learning rates (AdamW, constant); see the README (domain generalization section) for how they were chosen
 DEFAULT_LR = {"gnnmoe": 3e-3, "lora": 3e-3, "lokr": 3e-3, "probe": 1e-2, "full": 1e-3}
 _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 
