@@ -1,0 +1,605 @@
+"""Model for the AVSR recipe, in the Llama-AVSR style (SPEC §4).
+
+Frozen audio encoder (a transformers Whisper encoder) and frozen video encoder (lip frames) → per-modality projector
+that compresses time by a rate K (stack K frames or average them) → token sequence
+
+    [BOS, <audio>, A…, </audio>, <video>, V…, </video>, prompt, transcript, EOS]
+
+fed as ``inputs_embeds`` to a frozen causal LM adapted with LoRA (optionally wrapped by sink decorrelation). Only the
+transcript and EOS are scored. The default video encoder is :class:`LipEncoderModel` (a 3-D conv stem, a small 2-D
+ResNet per frame and a temporal Transformer, the usual lip-reading front end); it saves and loads its weights as a
+transformers model (``save_pretrained``/``from_pretrained``, safetensors). Any transformers image model id can stand in
+for it (applied frame by frame, pooled).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+PROMPTS = {
+    "asr": "Transcribe speech to text.",
+    "vsr": "Transcribe video to text.",
+    "avsr": "Transcribe speech and video to text.",
+}
+MODALITY_TOKENS = ["<audio>", "</audio>", "<video>", "</video>"]
+IGNORE_INDEX = -100
+
+# what each position of an assembled sequence is (SequenceBatch.segments)
+SEGMENTS = ("pad", "bos", "audio_delim", "audio", "video_delim", "video", "prompt", "transcript", "eos")
+SEG = {name: i for i, name in enumerate(SEGMENTS)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Video encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LipEncoderConfig(PreTrainedConfig):
+    """Configuration of :class:`LipEncoderModel`.
+
+    Args:
+        stem_channels: channels of the 3-D convolution over (time 5, 7, 7) on the grayscale frames.
+        channels: channels of each 2-D ResNet stage (each stage after the first halves the resolution).
+        hidden_size: width of the output features.
+        num_layers: temporal Transformer layers over the per-frame features (0 for none).
+        num_heads: attention heads of those layers.
+    """
+
+    model_type = "lip_encoder"
+
+    def __init__(
+        self,
+        stem_channels: int = 32,
+        channels: Sequence[int] = (32, 64),
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        **kwargs,
+    ):
+        self.stem_channels = stem_channels
+        self.channels = list(channels)
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        super().__init__(**kwargs)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """Sinusoidal position table ``[length, dim]``."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10_000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq[: dim // 2])
+    return table
+
+
+class LipEncoderModel(PreTrainedModel):
+    """Lip-reading front end: grayscale mouth frames ``[B, T, H, W]`` → features ``[B, T, hidden_size]``.
+
+    The layout of the visual front ends of Stafylakis & Tzimiropoulos (2017) and auto_avsr: Conv3d stem, ResNet
+    trunk applied per frame, global pooling, then a temporal Transformer.
+
+    Example:
+        >>> encoder = LipEncoderModel(LipEncoderConfig(hidden_size=64, num_layers=1))
+        >>> encoder(torch.randn(2, 10, 44, 44)).last_hidden_state.shape
+        torch.Size([2, 10, 64])
+    """
+
+    config_class = LipEncoderConfig
+    base_model_prefix = "lip_encoder"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: LipEncoderConfig):
+        super().__init__(config)
+        c0 = config.stem_channels
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, c0, (5, 7, 7), (1, 2, 2), (2, 3, 3), bias=False),
+            nn.BatchNorm3d(c0),
+            nn.ReLU(),
+            nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+        )
+        stages, c_in = [], c0
+        for i, c_out in enumerate(config.channels):
+            stages.append(_BasicBlock(c_in, c_out, stride=1 if i == 0 else 2))
+            c_in = c_out
+        self.trunk = nn.Sequential(*stages)
+        self.proj = nn.Linear(c_in, config.hidden_size)
+        layer = nn.TransformerEncoderLayer(
+            config.hidden_size,
+            config.num_heads,
+            4 * config.hidden_size,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.temporal = (
+            nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False) if config.num_layers else None
+        )
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+
+    def forward(self, pixel_values: torch.Tensor, lengths: torch.Tensor | None = None) -> BaseModelOutput:
+        b, t, h, w = pixel_values.shape
+        x = self.stem(pixel_values.unsqueeze(1))  # B, C, T, h', w'
+        x = x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[3], x.shape[4])  # B*T, C, h', w'
+        x = self.trunk(x).mean(dim=(2, 3)).view(b, t, -1)  # B, T, C
+        x = self.proj(x) + sinusoids(t, self.config.hidden_size).to(x)  # B, T, D
+        if self.temporal is not None:
+            pad = None if lengths is None else torch.arange(t, device=x.device)[None] >= lengths[:, None].to(x.device)
+            x = self.temporal(x, src_key_padding_mask=pad)
+        return BaseModelOutput(last_hidden_state=self.norm(x))
+
+
+class FrameWiseImageEncoder(nn.Module):
+    """Any transformers image model applied to each frame (grayscale repeated to its channels), pooled per frame."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        self.channels = getattr(model.config, "num_channels", 3)
+        self.config = model.config
+
+    @property
+    def hidden_size(self) -> int:
+        c = self.model.config
+        return getattr(c, "hidden_size", None) or c.hidden_sizes[-1]
+
+    def forward(self, pixel_values: torch.Tensor, lengths: torch.Tensor | None = None) -> BaseModelOutput:
+        b, t, h, w = pixel_values.shape
+        frames = pixel_values.reshape(b * t, 1, h, w).expand(-1, self.channels, -1, -1)
+        out = self.model(pixel_values=frames)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = out.last_hidden_state.mean(dim=1)
+        return BaseModelOutput(last_hidden_state=pooled.reshape(b, t, -1))
+
+
+def load_video_encoder(name_or_path: str) -> nn.Module:
+    """A saved :class:`LipEncoderModel` directory, or any transformers image model (id or path) used frame by frame."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(name_or_path) if not _is_lip_dir(name_or_path) else None
+    if config is None:
+        return LipEncoderModel.from_pretrained(name_or_path)
+    return FrameWiseImageEncoder(AutoModel.from_pretrained(name_or_path))
+
+
+def _is_lip_dir(path: str) -> bool:
+    import json
+    import os
+
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and json.load(open(cfg)).get("model_type") == LipEncoderConfig.model_type
+
+
+def video_hidden_size(encoder: nn.Module) -> int:
+    return encoder.hidden_size if isinstance(encoder, FrameWiseImageEncoder) else encoder.config.hidden_size
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Audio encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_audio_encoder(name_or_path: str) -> tuple[nn.Module, object]:
+    """The encoder of a Whisper checkpoint (full model or encoder-only save) and its feature extractor."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = WhisperConfig.from_pretrained(name_or_path)
+    if "WhisperEncoder" in (config.architectures or []):
+        encoder = WhisperEncoder.from_pretrained(name_or_path)
+    else:
+        encoder = WhisperModel.from_pretrained(name_or_path).encoder
+    return encoder, WhisperFeatureExtractor.from_pretrained(name_or_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Projector
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ModalityProjector(nn.Module):
+    """Compresses encoder frames by ``rate`` and maps them to the LLM width (Llama-AVSR's projector).
+
+    ``mode="stack"`` concatenates ``rate`` consecutive frames (``[B, T, D] → [B, ⌈T/rate⌉, rate·D]``);
+    ``mode="avg"`` averages them (AvgPool1d, as in the sink paper). Padding frames never enter a valid token: each
+    utterance gives ``⌈length/rate⌉`` tokens. Then ``Linear → ReLU → Linear`` (optionally LayerNorm).
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, rate: int, mode: str = "stack", hidden: int = 2048, layer_norm: bool = False
+    ):
+        super().__init__()
+        if rate < 1:
+            raise ValueError(f"downsampling rate must be >= 1, got {rate}")
+        if mode not in ("stack", "avg"):
+            raise ValueError(f"projector mode must be 'stack' or 'avg', got {mode!r}")
+        self.rate, self.mode = rate, mode
+        width = in_dim * rate if mode == "stack" else in_dim
+        layers: list[nn.Module] = [nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)]
+        if layer_norm:
+            layers.append(nn.LayerNorm(out_dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def downsample(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, D]`` frames and valid lengths → compressed ``[B, T', D']`` and new lengths (no MLP)."""
+        b, t, d = feats.shape
+        k = self.rate
+        t_out = math.ceil(t / k)
+        valid = (torch.arange(t_out * k, device=feats.device)[None] < lengths[:, None].to(feats.device)).to(
+            feats.dtype
+        )
+        feats = nn.functional.pad(feats, (0, 0, 0, t_out * k - t)) * valid[..., None]  # zero the padding
+        groups = feats.view(b, t_out, k, d)  # B, T', K, D
+        if self.mode == "stack":
+            out = groups.reshape(b, t_out, k * d)
+        else:
+            out = groups.sum(2) / valid.view(b, t_out, k).sum(2, keepdim=True).clamp(min=1)
+        return out, torch.div(lengths + k - 1, k, rounding_mode="floor")
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, new_lengths = self.downsample(feats, lengths)
+        return self.mlp(out), new_lengths
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer for the embedded LLM
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_word_tokenizer(words: Iterable[str]):
+    """A word-level ``PreTrainedTokenizerFast`` over ``words`` + the prompts' words + special tokens, built locally."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", *MODALITY_TOKENS]
+    prompt_words = {w for p in PROMPTS.values() for w in p.lower().replace(".", " .").split()}
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) | prompt_words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=MODALITY_TOKENS,
+    )
+
+
+def prepare_tokenizer(tokenizer) -> int:
+    """Add the modality delimiters (and a pad token) to an LLM's tokenizer; returns how many tokens were added."""
+    added = tokenizer.add_special_tokens({"additional_special_tokens": MODALITY_TOKENS})
+    if tokenizer.pad_token is None:
+        added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError(
+            "the LLM's tokenizer needs a BOS and an EOS token (the sequence starts with BOS, ends with EOS)"
+        )
+    return added
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sequence layout
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequenceBatch:
+    """An assembled batch: ``inputs_embeds [B, L, d]``, ``attention_mask [B, L]``, ``labels [B, L]`` (or None) and
+    ``segments [B, L]`` (indices into :data:`SEGMENTS`, telling what each position is)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    segments: torch.Tensor
+
+
+def assemble_sequences(
+    embed: nn.Module,
+    ids: dict[str, int],
+    prompt_ids: list[int],
+    audio: tuple[torch.Tensor, torch.Tensor] | None,
+    video: tuple[torch.Tensor, torch.Tensor] | None,
+    transcripts: list[list[int]] | None,
+    pad_left: bool = False,
+) -> SequenceBatch:
+    """Lay out ``[BOS, <audio>, A…, </audio>, <video>, V…, </video>, prompt, transcript, EOS]`` per utterance.
+
+    Args:
+        embed: the LLM's input embedding.
+        ids: token ids of ``bos``, ``eos``, ``pad`` and the four modality delimiters (by their text).
+        prompt_ids: the instruction's token ids.
+        audio, video: ``(tokens [B, T, d], lengths [B])`` from the projectors, or None for an absent modality.
+        transcripts: token ids of each transcript (training: appended with EOS and scored), or None (decoding).
+        pad_left: pad on the left (for ``generate``) instead of the right.
+
+    Labels are ``-100`` everywhere except the transcript tokens and EOS.
+    """
+    device = embed.weight.device
+    b = (audio or video)[0].shape[0]
+
+    def tok(token_ids: list[int]) -> torch.Tensor:
+        return embed(torch.tensor(token_ids, device=device, dtype=torch.long))
+
+    rows, seg_rows, label_rows = [], [], []
+    prompt = tok(prompt_ids)
+    for i in range(b):
+        parts = [(tok([ids["bos"]]), SEG["bos"])]
+        for feats, open_tok, close_tok, name in (
+            (audio, "<audio>", "</audio>", "audio"),
+            (video, "<video>", "</video>", "video"),
+        ):
+            if feats is not None:
+                parts += [
+                    (tok([ids[open_tok]]), SEG[f"{name}_delim"]),
+                    (feats[0][i, : int(feats[1][i])], SEG[name]),
+                    (tok([ids[close_tok]]), SEG[f"{name}_delim"]),
+                ]
+        parts.append((prompt, SEG["prompt"]))
+        if transcripts is not None:
+            parts += [(tok(transcripts[i]), SEG["transcript"]), (tok([ids["eos"]]), SEG["eos"])]
+        rows.append(torch.cat([p for p, _ in parts]))
+        seg_rows.append(torch.cat([torch.full((len(p),), s, dtype=torch.long, device=device) for p, s in parts]))
+        if transcripts is not None:
+            n_prefix = sum(len(p) for p, s in parts if s not in (SEG["transcript"], SEG["eos"]))
+            label_rows.append(torch.tensor([IGNORE_INDEX] * n_prefix + transcripts[i] + [ids["eos"]], device=device))
+    longest = max(len(r) for r in rows)
+    d = rows[0].shape[-1]
+    embeds = rows[0].new_zeros(b, longest, d)
+    mask = torch.zeros(b, longest, dtype=torch.long, device=device)
+    segments = torch.full((b, longest), SEG["pad"], dtype=torch.long, device=device)
+    labels = (
+        torch.full((b, longest), IGNORE_INDEX, dtype=torch.long, device=device) if transcripts is not None else None
+    )
+    for i, row in enumerate(rows):
+        n = len(row)
+        sl = slice(longest - n, longest) if pad_left else slice(0, n)
+        embeds[i, sl], mask[i, sl], segments[i, sl] = row, 1, seg_rows[i]
+        if labels is not None:
+            labels[i, sl] = label_rows[i]
+    return SequenceBatch(embeds, mask, labels, segments)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class AVSRModel(nn.Module):
+    """Frozen encoders + trainable projectors + an (adapted) causal LM, Llama-AVSR style.
+
+    Args:
+        llm: the causal LM, usually already a ``PeftModel`` (LoRA, or sink decorrelation around LoRA).
+        tokenizer: its tokenizer, holding the modality delimiters (see :func:`prepare_tokenizer`).
+        modality: ``"asr"``, ``"vsr"`` or ``"avsr"``.
+        audio_encoder, video_encoder: frozen encoders (needed by the modality).
+        audio_rate, video_rate: compression rates of the projectors.
+        projector: ``"stack"`` or ``"avg"``.
+        projector_hidden: the projector MLP's hidden width (2048 in Llama-AVSR).
+        projector_layer_norm: LayerNorm at the projector output.
+    """
+
+    def __init__(
+        self,
+        llm: nn.Module,
+        tokenizer,
+        modality: str,
+        audio_encoder: nn.Module | None = None,
+        video_encoder: nn.Module | None = None,
+        audio_rate: int = 4,
+        video_rate: int = 2,
+        projector: str = "stack",
+        projector_hidden: int = 2048,
+        projector_layer_norm: bool = False,
+    ):
+        super().__init__()
+        if modality not in PROMPTS:
+            raise ValueError(f"modality must be one of {sorted(PROMPTS)}, got {modality!r}")
+        uses_audio, uses_video = modality in ("asr", "avsr"), modality in ("vsr", "avsr")
+        if uses_audio and audio_encoder is None:
+            raise ValueError(f"modality {modality!r} needs an audio encoder")
+        if uses_video and video_encoder is None:
+            raise ValueError(f"modality {modality!r} needs a video encoder")
+        self.modality, self.llm, self.tokenizer = modality, llm, tokenizer
+        d_llm = llm.get_input_embeddings().weight.shape[1]
+        self.audio_encoder = audio_encoder if uses_audio else None
+        self.video_encoder = video_encoder if uses_video else None
+        for enc in (self.audio_encoder, self.video_encoder):
+            if enc is not None:
+                enc.requires_grad_(False).eval()
+        self.audio_proj = (
+            ModalityProjector(
+                audio_encoder.config.d_model, d_llm, audio_rate, projector, projector_hidden, projector_layer_norm
+            )
+            if uses_audio
+            else None
+        )
+        self.video_proj = (
+            ModalityProjector(
+                video_hidden_size(video_encoder), d_llm, video_rate, projector, projector_hidden, projector_layer_norm
+            )
+            if uses_video
+            else None
+        )
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in MODALITY_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"tokenizer lacks {missing}; call prepare_tokenizer(tokenizer) and resize the LLM's embeddings"
+            )
+        self.ids = {t: vocab[t] for t in MODALITY_TOKENS}
+        self.ids.update(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+        self.prompt_ids = tokenizer(PROMPTS[modality], add_special_tokens=False).input_ids
+
+    def train(self, mode: bool = True) -> AVSRModel:
+        super().train(mode)
+        for enc in (self.audio_encoder, self.video_encoder):  # frozen encoders stay in eval mode (BatchNorm, dropout)
+            if enc is not None:
+                enc.eval()
+        return self
+
+    def enable_feature_cache(self, enabled: bool = True) -> None:
+        """Keep every utterance's frozen-encoder output, keyed by its uid, and reuse it in later epochs.
+
+        Exact when the encoders' inputs are the same each time (no input augmentation): the encoders are frozen and
+        in eval mode, and each utterance's valid frames do not depend on the rest of the batch.
+        """
+        self._feature_cache = {"audio": {}, "video": {}} if enabled else None
+
+    def _features(self, name: str, batch: dict, lengths: torch.Tensor, run) -> torch.Tensor:
+        """Encoder output ``[B, T, D]`` for the batch, from the cache where possible; ``run(rows)`` encodes rows."""
+        cache = getattr(self, "_feature_cache", None)
+        if cache is None:
+            with torch.no_grad():
+                return run(list(range(len(lengths))))
+        store, uids = cache[name], batch["uids"]
+        missing = [i for i, uid in enumerate(uids) if uid not in store]
+        if missing:
+            with torch.no_grad():
+                feats = run(missing)
+            for j, i in enumerate(missing):
+                store[uids[i]] = feats[j, : int(lengths[i])]
+        return nn.utils.rnn.pad_sequence([store[uid] for uid in uids], batch_first=True)
+
+    def encode(self, batch: dict) -> tuple[tuple | None, tuple | None]:
+        """Run the frozen encoders and the projectors: ``(tokens [B, T', d], lengths)`` per modality."""
+        audio = video = None
+        if self.audio_encoder is not None:
+            lengths = batch["audio_lengths"]
+            feats = self._features(  # B, T (50 Hz), D; Whisper's fixed-length padding frames dropped
+                "audio", batch, lengths, lambda rows: self.audio_encoder(batch["audio_features"][rows]).last_hidden_state
+            )[:, : int(lengths.max())]
+            audio = self.audio_proj(feats, lengths.to(feats.device))
+        if self.video_encoder is not None:
+            lengths = batch["video_lengths"]
+            feats = self._features(  # B, T (25 fps), D
+                "video", batch, lengths, lambda rows: self.video_encoder(batch["video"][rows], lengths[rows]).last_hidden_state
+            )
+            video = self.video_proj(feats, lengths.to(feats.device))
+        return audio, video
+
+    def tokenize_transcripts(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(" " + t if t else t, add_special_tokens=False).input_ids for t in texts]
+
+    def assemble(self, batch: dict, with_transcript: bool, pad_left: bool = False) -> SequenceBatch:
+        audio, video = self.encode(batch)
+        transcripts = self.tokenize_transcripts(batch["texts"]) if with_transcript else None
+        return assemble_sequences(
+            self.llm.get_input_embeddings(), self.ids, self.prompt_ids, audio, video, transcripts, pad_left
+        )
+
+    def forward(self, batch: dict, **kwargs):
+        """Teacher-forced pass; returns the LLM's output (``.loss`` is CE on the transcript, plus any tuner loss)."""
+        seq = self.assemble(batch, with_transcript=True)
+        return self.llm(
+            inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, labels=seq.labels, **kwargs
+        )
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_beams: int = 15, max_new_tokens: int = 32) -> list[str]:
+        """Beam-search transcripts through ``generate`` on the prefix (left-padded)."""
+        seq = self.assemble(batch, with_transcript=False, pad_left=True)
+        out = self.llm.generate(
+            inputs_embeds=seq.inputs_embeds,
+            attention_mask=seq.attention_mask,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.ids["eos"],
+            pad_token_id=self.ids["pad"],
+            bos_token_id=self.ids["bos"],
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def projector_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable non-LLM weights (the projectors), for safetensors."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("audio_proj.", "video_proj."))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small random-init models for the embedded default (stand-ins for Whisper, AV-HuBERT and Llama)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_audio_encoder(seconds: int = 4, d_model: int = 128, layers: int = 2, heads: int = 4):
+    """A random-init Whisper encoder taking ``seconds`` of audio (Whisper's fixed input length) and its extractor."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    mel_frames = int(seconds * 100)  # hop 160 at 16 kHz
+    config = WhisperConfig(
+        d_model=d_model,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d_model,
+        decoder_layers=1,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=4 * d_model,
+        max_source_positions=mel_frames // 2,
+        init_std=0.08,  # keeps the random features' scale near the inputs' (Whisper's 0.02 shrinks them)
+    )
+    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=seconds)
+    return WhisperEncoder(config), extractor
+
+
+def tiny_video_encoder(hidden_size: int = 128, layers: int = 1) -> LipEncoderModel:
+    """A random-init :class:`LipEncoderModel`."""
+    return LipEncoderModel(
+        LipEncoderConfig(stem_channels=16, channels=[32, 64], hidden_size=hidden_size, num_layers=layers)
+    )
+
+
+def tiny_llm(tokenizer, hidden_size: int = 256, layers: int = 4, heads: int = 4):
+    """A random-init Llama-architecture causal LM sized for ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=int(hidden_size * 8 / 3) // 32 * 32,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)

@@ -1,0 +1,211 @@
+"""AVSR recipe model: downsampling, sequence layout and label masking, decorrelation on/off, encoders."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+
+import avsr_data as D  # noqa: E402
+import avsr_model as M  # noqa: E402
+
+
+WORDS = [w for ws in D.GRAMMAR.values() for w in ws]
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tokenizer = M.build_word_tokenizer(WORDS)
+    audio_encoder, extractor = M.tiny_audio_encoder(seconds=2, d_model=32, layers=1, heads=2)
+    video_encoder = M.LipEncoderModel(M.LipEncoderConfig(stem_channels=4, channels=[8], hidden_size=24, num_layers=1))
+    return tokenizer, audio_encoder, extractor, video_encoder
+
+
+def _llm(tokenizer, decor_weight: float = 0.0, **decor):
+    torch.manual_seed(1)
+    llm = M.tiny_llm(tokenizer, hidden_size=32, layers=2, heads=2)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    if decor_weight:
+        from peft_gnnmoe.tuners.sink_decorrelation import SinkDecorrelationConfig
+
+        lora = SinkDecorrelationConfig(base_config=lora, weight=decor_weight, bos="first", task_type="CAUSAL_LM", **decor)
+    return get_peft_model(llm, lora)
+
+
+def _items(n_frames=(10, 7), texts=("place blue at f two now", "set red by q nine soon")):
+    rng = torch.Generator().manual_seed(0)
+    return [
+        {
+            "uid": f"u{i}",
+            "text": t,
+            "audio": torch.randn(n * 640, generator=rng).numpy() * 0.1,
+            "video": torch.randn(n, 16, 16, generator=rng).numpy(),
+        }
+        for i, (n, t) in enumerate(zip(n_frames, texts))
+    ]
+
+
+def _batch(extractor, items=None):
+    return D.AVSRCollator(extractor)(items or _items())
+
+
+def test_projector_downsampling_shapes_and_values():
+    x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)
+    lengths = torch.tensor([7, 5])
+    stack = M.ModalityProjector(3, 16, rate=3, mode="stack", hidden=8)
+    out, new = stack.downsample(x, lengths)
+    assert out.shape == (2, 3, 9) and new.tolist() == [3, 2]
+    assert torch.equal(out[0, 1], x[0, 3:6].reshape(-1))  # K consecutive frames concatenated
+    assert torch.equal(out[1, 1], torch.cat([x[1, 3:5].reshape(-1), torch.zeros(3)]))  # padding frame zeroed
+    avg = M.ModalityProjector(3, 16, rate=3, mode="avg", hidden=8)
+    out, new = avg.downsample(x, lengths)
+    assert out.shape == (2, 3, 3) and new.tolist() == [3, 2]
+    assert torch.allclose(out[1, 1], x[1, 3:5].mean(0))  # the mean over valid frames only
+    assert torch.allclose(out[0, 2], x[0, 6])
+    tokens, _ = stack(x, lengths)
+    assert tokens.shape == (2, 3, 16)
+    with pytest.raises(ValueError, match="rate"):
+        M.ModalityProjector(3, 16, rate=0)
+
+
+@pytest.mark.parametrize("rates", [(1, 1), (4, 2), (8, 5)])
+def test_token_counts_follow_the_rates(parts, rates):
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, *rates, projector_hidden=16)
+    batch = _batch(extractor)
+    seq = model.assemble(batch, with_transcript=False)
+    audio_tokens = (seq.segments == M.SEG["audio"]).sum(1)
+    video_tokens = (seq.segments == M.SEG["video"]).sum(1)
+    assert audio_tokens.tolist() == [-(-20 // rates[0]), -(-14 // rates[0])]  # 50 Hz frames / rate, rounded up
+    assert video_tokens.tolist() == [-(-10 // rates[1]), -(-7 // rates[1])]
+
+
+def test_sequence_layout_and_label_masking(parts):
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, 4, 2, projector_hidden=16)
+    batch = _batch(extractor)
+    seq = model.assemble(batch, with_transcript=True)
+    S = M.SEG
+    prompt = tokenizer(M.PROMPTS["avsr"], add_special_tokens=False).input_ids
+    transcript = tokenizer(" " + batch["texts"][1], add_special_tokens=False).input_ids
+    # utterance 1: 7 video frames -> 14 audio frames -> 4 audio tokens (rate 4), 4 video tokens (rate 2)
+    expected = (
+        [S["bos"], S["audio_delim"]] + [S["audio"]] * 4 + [S["audio_delim"], S["video_delim"]] + [S["video"]] * 4
+        + [S["video_delim"]] + [S["prompt"]] * len(prompt) + [S["transcript"]] * len(transcript) + [S["eos"]]
+    )  # fmt: skip
+    n = len(expected)
+    assert seq.segments[1, :n].tolist() == expected and (seq.segments[1, n:] == S["pad"]).all()  # right padding
+    assert seq.attention_mask[1].tolist() == [1] * n + [0] * (seq.segments.shape[1] - n)
+    # labels: -100 everywhere but the transcript and EOS, which carry their token ids
+    scored = seq.labels[1] != -100
+    assert scored.tolist() == [s in (S["transcript"], S["eos"]) for s in seq.segments[1].tolist()]
+    assert seq.labels[1, scored].tolist() == transcript + [tokenizer.eos_token_id]
+    # the delimiters and prompt are the LLM's own token embeddings
+    embed = model.llm.get_input_embeddings().weight
+    assert torch.equal(seq.inputs_embeds[1, 0], embed[tokenizer.bos_token_id])
+    assert torch.equal(seq.inputs_embeds[1, 1], embed[tokenizer.convert_tokens_to_ids("<audio>")])
+    assert torch.equal(seq.inputs_embeds[1, 12], embed[tokenizer.convert_tokens_to_ids("</video>")])
+    # decoding prefix: left-padded, ends with the prompt, no transcript
+    prefix = model.assemble(batch, with_transcript=False, pad_left=True)
+    assert prefix.labels is None and prefix.segments[1, -1] == S["prompt"] and prefix.segments[1, 0] == S["pad"]
+    assert not (prefix.segments == S["transcript"]).any()
+
+
+def test_loss_scores_only_transcript_tokens(parts):
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    model = M.AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    batch = _batch(extractor)
+    out = model(batch)
+    seq = model.assemble(batch, with_transcript=True)
+    logits = model.llm(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask).logits
+    logp = logits[:, :-1].log_softmax(-1)
+    targets = seq.labels[:, 1:]
+    keep = targets != -100
+    manual = -logp[keep].gather(-1, targets[keep][:, None]).mean()
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    assert keep.sum() == sum(len(t.split()) + 1 for t in batch["texts"])  # words + EOS per utterance
+
+
+def test_decorrelation_on_and_off(parts):
+    tokenizer, audio_encoder, extractor, _ = parts
+    batch = _batch(extractor)
+    plain = M.AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    off = plain(batch)
+    assert getattr(off, "decorrelation_loss", None) is None
+
+    wrapped = M.AVSRModel(_llm(tokenizer, 0.5, tokens="prefix"), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    wrapped.audio_proj.load_state_dict(plain.audio_proj.state_dict())
+    wrapped.train()
+    on = wrapped(batch)
+    assert on.decorrelation_loss > 0
+    assert torch.allclose(on.ce_loss, off.loss, atol=1e-5)  # same adapter init, same CE
+    assert torch.allclose(on.loss, on.ce_loss + 0.5 * on.decorrelation_loss, atol=1e-5)
+    on.loss.backward()
+    grad_on = wrapped.audio_proj.mlp[0].weight.grad.clone()
+    off.loss.backward()
+    assert not torch.allclose(grad_on, plain.audio_proj.mlp[0].weight.grad)  # the loss reaches the projector
+    wrapped.eval()
+    assert getattr(wrapped(batch), "decorrelation_loss", None) is None  # training-only
+
+
+def test_trainable_parameters_are_projectors_and_lora(parts):
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith(("audio_proj.", "video_proj.")) or "lora_" in n for n in names)
+    assert any("lora_A" in n for n in names) and any(n.startswith("video_proj.") for n in names)
+    model.train()
+    assert not model.audio_encoder.training and not model.video_encoder.training  # frozen encoders stay in eval
+
+
+def test_feature_cache_is_exact(parts):
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
+    batch = _batch(extractor)
+    reference = model.assemble(batch, with_transcript=True).inputs_embeds
+    model.enable_feature_cache()
+    model.assemble(_batch(extractor, _items()[1:]), with_transcript=True)  # u1 cached from a batch of its own
+    cached = model.assemble(batch, with_transcript=True).inputs_embeds
+    assert torch.allclose(cached, reference, atol=1e-5)
+
+
+def test_lip_encoder_saves_loads_and_ignores_padding(tmp_path):
+    torch.manual_seed(0)
+    encoder = M.LipEncoderModel(M.LipEncoderConfig(stem_channels=4, channels=[8, 8], hidden_size=16, num_layers=1))
+    encoder.eval()
+    video = torch.randn(2, 9, 20, 20)
+    video[1, 6:] = 0
+    out = encoder(video, torch.tensor([9, 6])).last_hidden_state
+    assert out.shape == (2, 9, 16)
+    alone = encoder(video[1:, :6], torch.tensor([6])).last_hidden_state
+    assert torch.allclose(out[1, :6], alone[0], atol=1e-5)  # the padded frames do not leak into valid ones
+    encoder.save_pretrained(tmp_path / "lip")
+    assert (tmp_path / "lip" / "model.safetensors").is_file()
+    loaded = M.load_video_encoder(str(tmp_path / "lip"))
+    assert isinstance(loaded, M.LipEncoderModel)
+    assert torch.allclose(loaded.eval()(video).last_hidden_state, encoder(video).last_hidden_state)
+
+
+def test_generate_returns_text(parts):
+    tokenizer, _, _, video_encoder = parts
+    model = M.AVSRModel(_llm(tokenizer), tokenizer, "vsr", video_encoder=video_encoder, projector_hidden=16)
+    items = [{"uid": "a", "text": "x", "video": torch.randn(n, 16, 16).numpy()} for n in (6, 9)]
+    hyps = model.generate(D.AVSRCollator()(items), num_beams=3, max_new_tokens=5)
+    assert len(hyps) == 2 and all(isinstance(h, str) and len(h.split()) <= 5 for h in hyps)
+    assert all(w in tokenizer.get_vocab() for h in hyps for w in h.split())
+
+
+def test_any_transformers_image_model_can_be_the_video_encoder(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).save_pretrained(
+        tmp_path / "resnet"
+    )
+    encoder = M.load_video_encoder(str(tmp_path / "resnet"))
+    assert isinstance(encoder, M.FrameWiseImageEncoder) and M.video_hidden_size(encoder) == 16
+    assert encoder(torch.randn(2, 5, 32, 32)).last_hidden_state.shape == (2, 5, 16)  # one feature per frame
