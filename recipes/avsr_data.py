@@ -2,7 +2,7 @@
 
 Two on-disk layouts are read (SPEC §4):
 
-* **auto_avsr** (preprocessed LRS3): ``root/labels/*.csv`` with rows ``dataset,rel_path,n_video_frames,token_ids,text``;
+* **auto_avsr** (preprocessed LRS3): ``root/labels/*.csv``, rows ``dataset,rel_path,n_video_frames,token_ids,text``;
   the mouth-crop video is ``root/<dataset>/<rel_path>`` (``.mp4``) and its 16 kHz audio the same-stem ``.wav``.
 * **raw** LRS3: ``root/{pretrain,trainval,test}/<speaker>/<utt>.mp4`` (face video with its audio track) and
   ``<utt>.txt`` whose first line is ``Text: ...``.

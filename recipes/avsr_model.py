@@ -503,13 +503,19 @@ class AVSRModel(nn.Module):
         if self.audio_encoder is not None:
             lengths = batch["audio_lengths"]
             feats = self._features(  # B, T (50 Hz), D; Whisper's fixed-length padding frames dropped
-                "audio", batch, lengths, lambda rows: self.audio_encoder(batch["audio_features"][rows]).last_hidden_state
+                "audio",
+                batch,
+                lengths,
+                lambda rows: self.audio_encoder(batch["audio_features"][rows]).last_hidden_state,
             )[:, : int(lengths.max())]
             audio = self.audio_proj(feats, lengths.to(feats.device))
         if self.video_encoder is not None:
             lengths = batch["video_lengths"]
             feats = self._features(  # B, T (25 fps), D
-                "video", batch, lengths, lambda rows: self.video_encoder(batch["video"][rows], lengths[rows]).last_hidden_state
+                "video",
+                batch,
+                lengths,
+                lambda rows: self.video_encoder(batch["video"][rows], lengths[rows]).last_hidden_state,
             )
             video = self.video_proj(feats, lengths.to(feats.device))
         return audio, video

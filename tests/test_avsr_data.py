@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 import avsr_data as D  # noqa: E402

@@ -7,12 +7,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 import avsr_data as D  # noqa: E402
 import avsr_model as M  # noqa: E402
-
 
 WORDS = [w for ws in D.GRAMMAR.values() for w in ws]
 
@@ -33,7 +31,9 @@ def _llm(tokenizer, decor_weight: float = 0.0, **decor):
     if decor_weight:
         from peft_gnnmoe.tuners.sink_decorrelation import SinkDecorrelationConfig
 
-        lora = SinkDecorrelationConfig(base_config=lora, weight=decor_weight, bos="first", task_type="CAUSAL_LM", **decor)
+        lora = SinkDecorrelationConfig(
+            base_config=lora, weight=decor_weight, bos="first", task_type="CAUSAL_LM", **decor
+        )
     return get_peft_model(llm, lora)
 
 
@@ -203,9 +203,9 @@ def test_generate_returns_text(parts):
 def test_any_transformers_image_model_can_be_the_video_encoder(tmp_path):
     from transformers import ResNetConfig, ResNetModel
 
-    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")).save_pretrained(
-        tmp_path / "resnet"
-    )
+    ResNetModel(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    ).save_pretrained(tmp_path / "resnet")
     encoder = M.load_video_encoder(str(tmp_path / "resnet"))
     assert isinstance(encoder, M.FrameWiseImageEncoder) and M.video_hidden_size(encoder) == 16
     assert encoder(torch.randn(2, 5, 32, 32)).last_hidden_state.shape == (2, 5, 16)  # one feature per frame

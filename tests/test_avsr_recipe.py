@@ -8,13 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
 import avsr as A  # noqa: E402
 import avsr_data as D  # noqa: E402
-
 
 SMALL = [
     "--corpus_train", "24", "--corpus_test", "4", "--encoder_pretrain_steps", "3", "--text_pretrain_steps", "3",
@@ -81,7 +79,9 @@ def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
     root = D.build_synthetic_corpus(out / "corpus", cfg)
     bad = sorted((root / "synth" / "synth_video" / "trainval").rglob("*.mp4"))[5]
     bad.write_bytes(b"\x00" * 100)
-    results = A.main(SMALL + ["--output_dir", str(out), "--modality", "vsr", "--max_steps", "2", "--no-eval_untrained"])
+    results = A.main(
+        SMALL + ["--output_dir", str(out), "--modality", "vsr", "--max_steps", "2", "--no-eval_untrained"]
+    )
     skipped = results["vsr"]["skipped_files"]
     assert skipped["count"] == 1 and str(bad) in next(iter(skipped["examples"].values()))
 
@@ -89,7 +89,7 @@ def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
 def test_sink_experiment_writes_table_and_plots(tmp_path):
     out = tmp_path / "run"
     A.main(SMALL + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr", "--sink_rates", "2", "4",
-                    "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained", "--projector", "avg"])  # fmt: skip
+                    "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained"])  # fmt: skip
     rows = json.loads((out / "sinks" / "sinks.json").read_text())
     assert [(r["rate"], r["decor_weight"]) for r in rows] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
     for r in rows:
