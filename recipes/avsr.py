@@ -7,9 +7,10 @@
         --decor_weight 0.1 --output_dir runs/avsr
 
 Without ``--data_dir`` the recipe synthesises a small GRID-like corpus (espeak-ng speech + phoneme-timed mouth
-video, written in the auto_avsr LRS3 layout), builds small random-init encoders and a small Llama whose language
-model is first trained on the training transcripts, then trains and decodes every modality. Each run writes
-``results.json`` / ``results.md``, the decoded transcripts, and the adapter + projector weights (safetensors).
+video, written in the auto_avsr LRS3 layout), builds small stand-ins for the pretrained checkpoints (Whisper and lip
+encoders trained with word-level CTC, a Llama trained as a language model, all on the training split only), then
+trains projectors + LoRA and decodes every modality. Each run writes ``results.json`` / ``results.md``, the decoded
+transcripts, and the adapter + projector weights (safetensors).
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--test_csv", default=None, help="auto_avsr labels CSV for testing (default: the one named *test*)")
     g.add_argument("--raw_train_subsets", nargs="+", default=["trainval"], help="raw LRS3 folders used for training")
-    g.add_argument("--crop_size", type=int, default=None, help="centre crop of the mouth frames (88 for LRS3)")
+    g.add_argument(
+        "--crop_size",
+        type=int,
+        default=None,
+        help="centre crop of the mouth frames (default 88 for LRS3, 44 for the embedded corpus)",
+    )
     g.add_argument(
         "--mouth_box",
         type=int,
@@ -843,7 +849,8 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = D.SyntheticCorpusConfig(n_train=args.corpus_train, n_test=args.corpus_test, seed=args.seed)
             D.build_synthetic_corpus(corpus, cfg)
         _wait_for_everyone()
-        args.data_dir, args.crop_size = str(corpus), args.crop_size or 44
+        args.data_dir = str(corpus)
+    args.crop_size = args.crop_size or (44 if args.embedded else 88)  # 48 px synthetic frames; LRS3 crops 96 -> 88
     splits = load_splits(args, log)
     if args.embedded:
         if is_main:
