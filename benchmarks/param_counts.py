@@ -1,6 +1,6 @@
 """Trainable-parameter counts on ViT-B/16 (12 blocks, 768 wide): GNN-MoE configurations next to LoRA and LoKr.
 
-    python benchmarks/param_counts.py     # prints a Markdown table, writes benchmarks/results/param_counts.json
+python benchmarks/param_counts.py     # prints a Markdown table, writes benchmarks/results/param_counts.json
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ CONFIGS = {
     "GNN-MoE default + o_proj, fc1, fc2": GNNMoEConfig(target_modules=QKV + ["o_proj", "fc1", "fc2"]),
     "GNN-MoE default, GAT router": GNNMoEConfig(router="gat"),
     "GNN-MoE default, SAGE router": GNNMoEConfig(router="sage"),
-    "GNN-MoE benchmark budget (r=1, width 16, no expert bias)": GNNMoEConfig(kron_rank=1, router_hidden=16,
-                                                                            expert_bias=False),
-    "GNN-MoE every other block (MoA-style)": GNNMoEConfig(layers_to_transform=list(range(1, 12, 2)),
-                                                         layers_pattern="layers"),
+    "GNN-MoE benchmark budget (r=1, width 16, no expert bias)": GNNMoEConfig(
+        kron_rank=1, router_hidden=16, expert_bias=False
+    ),
+    "GNN-MoE every other block (MoA-style)": GNNMoEConfig(
+        layers_to_transform=list(range(1, 12, 2)), layers_pattern="layers"
+    ),
     "LoRA r=8 (q,v)": LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
     "LoRA r=8 (q,k,v)": LoraConfig(r=8, target_modules=QKV),
     "LoKr r=8 (q,k,v)": LoKrConfig(r=8, target_modules=QKV),
@@ -31,8 +33,14 @@ CONFIGS = {
 
 
 def main() -> None:
-    vit_b16 = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                        image_size=224, patch_size=16)
+    vit_b16 = ViTConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=224,
+        patch_size=16,
+    )
     rows = {}
     for name, config in CONFIGS.items():
         with torch.device("meta"):

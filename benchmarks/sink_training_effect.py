@@ -31,8 +31,15 @@ RESULTS = Path(__file__).parent / "results"
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=BOS, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=BOS,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return AutoModelForCausalLM.from_config(config)
 

@@ -46,9 +46,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDED_BACKBONE = os.path.join(REPO, "assets", "vit-tiny-fashion-contours")
 HUB_BACKBONE = "google/vit-base-patch16-224-in21k"
 # arguments that change results: a resumed sweep must use the same values
-_PROTOCOL_KEYS = ("dataset", "data_dir", "hub_dataset", "backbone", "holdout_fraction", "steps", "batch_size", "lr",
-                  "weight_decay", "image_size", "no_augment", "eval_every", "lora_r", "lokr_r", "num_experts", "top_k",
-                  "kron_rank", "kron_factor")
+_PROTOCOL_KEYS = (
+    "dataset",
+    "data_dir",
+    "hub_dataset",
+    "backbone",
+    "holdout_fraction",
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "image_size",
+    "no_augment",
+    "eval_every",
+    "lora_r",
+    "lokr_r",
+    "num_experts",
+    "top_k",
+    "kron_rank",
+    "kron_factor",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,30 +73,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="recipes/dg.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default=EMBEDDED,
-                   help=f"One of {sorted(DATASETS)} (default {EMBEDDED}: built from installed packages, no download), "
-                   "or any name with --data_dir (domains = its subfolders) or --hub_dataset.")
-    d.add_argument("--data_dir", help="Folder laid out as <data_dir>/<domain>/<class>/<image>, domain folders named "
-                   "as in DomainBed (e.g. PACS: art_painting cartoon photo sketch).")
-    d.add_argument("--hub_dataset", help="A data set id (or local path) for datasets.load_dataset, with one row per "
-                   "image and a column naming its domain; all splits are concatenated.")
+    d.add_argument(
+        "--dataset",
+        default=EMBEDDED,
+        help=f"One of {sorted(DATASETS)} (default {EMBEDDED}: built from installed packages, no download), "
+        "or any name with --data_dir (domains = its subfolders) or --hub_dataset.",
+    )
+    d.add_argument(
+        "--data_dir",
+        help="Folder laid out as <data_dir>/<domain>/<class>/<image>, domain folders named "
+        "as in DomainBed (e.g. PACS: art_painting cartoon photo sketch).",
+    )
+    d.add_argument(
+        "--hub_dataset",
+        help="A data set id (or local path) for datasets.load_dataset, with one row per "
+        "image and a column naming its domain; all splits are concatenated.",
+    )
     d.add_argument("--hub_domain_column", default="domain", help="--hub_dataset column naming the domain.")
     d.add_argument("--hub_label_column", default="label", help="--hub_dataset column with the class.")
     d.add_argument("--hub_image_column", default="image", help="--hub_dataset column with the image.")
     d.add_argument("--cache_dir", help="Cache folder for `datasets` (default: its own).")
-    d.add_argument("--test_envs", type=int, nargs="+",
-                   help="Indices of the domains to hold out, each in turn (default: every domain).")
+    d.add_argument(
+        "--test_envs",
+        type=int,
+        nargs="+",
+        help="Indices of the domains to hold out, each in turn (default: every domain).",
+    )
     d.add_argument("--holdout_fraction", type=float, default=0.2, help="Per-domain held-out share (default 0.2).")
     d.add_argument("--image_size", type=int, help="Input size (default: the backbone's).")
     d.add_argument("--no_augment", action="store_true", help="Disable the training augmentation.")
 
     m = p.add_argument_group("model and methods")
-    m.add_argument("--backbone", help="Checkpoint for AutoModelForImageClassification.from_pretrained (default: the "
-                   f"repo's assets/vit-tiny-fashion-contours for {EMBEDDED}, {HUB_BACKBONE} otherwise).")
-    m.add_argument("--method", nargs="+", default=list(dg_methods.METHODS), choices=dg_methods.METHODS,
-                   help="Methods to compare (default: all).")
-    m.add_argument("--router", nargs="+", default=list(dg_methods.ROUTERS), choices=dg_methods.ROUTERS,
-                   help="GNN-MoE routers, one run each (default: all).")
+    m.add_argument(
+        "--backbone",
+        help="Checkpoint for AutoModelForImageClassification.from_pretrained (default: the "
+        f"repo's assets/vit-tiny-fashion-contours for {EMBEDDED}, {HUB_BACKBONE} otherwise).",
+    )
+    m.add_argument(
+        "--method",
+        nargs="+",
+        default=list(dg_methods.METHODS),
+        choices=dg_methods.METHODS,
+        help="Methods to compare (default: all).",
+    )
+    m.add_argument(
+        "--router",
+        nargs="+",
+        default=list(dg_methods.ROUTERS),
+        choices=dg_methods.ROUTERS,
+        help="GNN-MoE routers, one run each (default: all).",
+    )
     m.add_argument("--num_experts", type=int, default=4, help="GNN-MoE experts per adapted layer (default 4).")
     m.add_argument("--top_k", type=int, default=2, help="GNN-MoE experts per token (default 2).")
     m.add_argument("--kron_rank", type=int, default=4, help="Rank of each Kronecker expert (default 4).")
@@ -88,33 +131,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--lokr_r", type=int, default=4, help="LoKr rank, alpha = 2r (default 4).")
 
     t = p.add_argument_group("training")
-    t.add_argument("--trial_seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="Trial seeds; each changes the data split, the head's initialisation and the batches.")
-    t.add_argument("--steps", type=int, help="Optimizer steps per run (default: 5000, DomainNet 15000, "
-                   f"{DATASETS[EMBEDDED].steps} for {EMBEDDED}).")
-    t.add_argument("--batch_size", type=int, help="Examples per training domain per optimizer step, over all "
-                   f"processes and accumulation steps (default 32; 8 for {EMBEDDED}).")
+    t.add_argument(
+        "--trial_seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="Trial seeds; each changes the data split, the head's initialisation and the batches.",
+    )
+    t.add_argument(
+        "--steps",
+        type=int,
+        help=f"Optimizer steps per run (default: 5000, DomainNet 15000, {DATASETS[EMBEDDED].steps} for {EMBEDDED}).",
+    )
+    t.add_argument(
+        "--batch_size",
+        type=int,
+        help="Examples per training domain per optimizer step, over all "
+        f"processes and accumulation steps (default 32; 8 for {EMBEDDED}).",
+    )
     t.add_argument("--lr", type=float, help=f"AdamW learning rate (default per method: {dg_methods.DEFAULT_LR}).")
     t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0).")
-    t.add_argument("--eval_every", type=int, help="Evaluate (and log) every N steps; model selection picks among "
-                   f"these (default 200; 100 for {EMBEDDED}).")
+    t.add_argument(
+        "--eval_every",
+        type=int,
+        help=f"Evaluate (and log) every N steps; model selection picks among these (default 200; 100 for {EMBEDDED}).",
+    )
     t.add_argument("--eval_batch_size", type=int, default=256, help="Per-process evaluation batch.")
     t.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (use some for image folders).")
 
     a = p.add_argument_group("accelerate")
-    a.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
-                   help="Overrides `accelerate launch`'s setting (default: the launcher's, else no).")
-    a.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                   help="Micro-steps per optimizer step; the batch per step stays --batch_size per domain.")
-    a.add_argument("--checkpointing_steps", type=int,
-                   help="Save the training state every N steps (default: --eval_every).")
+    a.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        help="Overrides `accelerate launch`'s setting (default: the launcher's, else no).",
+    )
+    a.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-steps per optimizer step; the batch per step stays --batch_size per domain.",
+    )
+    a.add_argument(
+        "--checkpointing_steps", type=int, help="Save the training state every N steps (default: --eval_every)."
+    )
     a.add_argument("--checkpoints_total_limit", type=int, default=1, help="Checkpoints kept per run (default 1).")
     a.add_argument("--keep_checkpoints", action="store_true", help="Keep a run's checkpoints after it finishes.")
-    a.add_argument("--resume_from_checkpoint", nargs="?", const="latest",
-                   help="Continue a killed sweep in --output_dir: finished runs are kept, unfinished ones resume "
-                   "from their latest checkpoint ('latest', the default) or from the given checkpoint folder.")
-    a.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "none"],
-                   help="Tracker for accelerate's logging (skipped when tensorboard is not installed).")
+    a.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const="latest",
+        help="Continue a killed sweep in --output_dir: finished runs are kept, unfinished ones resume "
+        "from their latest checkpoint ('latest', the default) or from the given checkpoint folder.",
+    )
+    a.add_argument(
+        "--report_to",
+        default="tensorboard",
+        choices=["tensorboard", "none"],
+        help="Tracker for accelerate's logging (skipped when tensorboard is not installed).",
+    )
     a.add_argument("--output_dir", help="Where results go (default runs/dg-<dataset>).")
     a.add_argument("--routing_images", type=int, default=4, help="Held-out images per routing picture (0: none).")
     a.add_argument("--save_adapters", action="store_true", help="save_pretrained every run's final model.")
@@ -236,21 +310,35 @@ class Sweep:
         if self.image_size is None:
             raise ValueError(f"Cannot read the input size of {args.backbone}; pass --image_size.")
         self.domains, self.classes, self.domain_names, self.info = load_domains(
-            args.dataset, args.data_dir, args.hub_dataset, self.image_size, cache_dir=args.cache_dir,
-            **({"domain_column": args.hub_domain_column, "label_column": args.hub_label_column,
-                "image_column": args.hub_image_column} if args.hub_dataset else {}),
+            args.dataset,
+            args.data_dir,
+            args.hub_dataset,
+            self.image_size,
+            cache_dir=args.cache_dir,
+            **(
+                {
+                    "domain_column": args.hub_domain_column,
+                    "label_column": args.hub_label_column,
+                    "image_column": args.hub_image_column,
+                }
+                if args.hub_dataset
+                else {}
+            ),
         )
         n = len(self.domains)
         self.test_envs = args.test_envs if args.test_envs is not None else list(range(n))
         bad = [e for e in self.test_envs if not 0 <= e < n]
         if bad:
             raise ValueError(f"--test_envs {bad} out of range: {args.dataset} has {n} domains {self.domain_names}.")
-        self.hp = dg_methods.MethodArgs(args.lora_r, args.lokr_r, args.num_experts, args.top_k, args.kron_rank,
-                                        args.kron_factor)
+        self.hp = dg_methods.MethodArgs(
+            args.lora_r, args.lokr_r, args.num_experts, args.top_k, args.kron_rank, args.kron_factor
+        )
         self._prepare_output_dir()
         if trackers:
-            self.acc.init_trackers("dg", config={k: str(v) if isinstance(v, (list, tuple)) or v is None else v
-                                                 for k, v in vars(args).items()})
+            self.acc.init_trackers(
+                "dg",
+                config={k: str(v) if isinstance(v, (list, tuple)) or v is None else v for k, v in vars(args).items()},
+            )
 
     def _prepare_output_dir(self) -> None:
         args = self.args
@@ -284,13 +372,22 @@ class Sweep:
             results.append(self.train_one(method, test_env, trial))
         table = None
         if self.acc.is_main_process:
-            table = dg_report.write_report(args.output_dir, results, self.domain_names, self.methods,
-                                           protocol={"dataset": args.dataset, "backbone": args.backbone,
-                                                     "steps": args.steps, "batch_size_per_domain": args.batch_size,
-                                                     "trial_seeds": args.trial_seeds,
-                                                     "holdout_fraction": args.holdout_fraction,
-                                                     "model_selection": "training-domain validation",
-                                                     "seconds": round(time.time() - start)})
+            table = dg_report.write_report(
+                args.output_dir,
+                results,
+                self.domain_names,
+                self.methods,
+                protocol={
+                    "dataset": args.dataset,
+                    "backbone": args.backbone,
+                    "steps": args.steps,
+                    "batch_size_per_domain": args.batch_size,
+                    "trial_seeds": args.trial_seeds,
+                    "holdout_fraction": args.holdout_fraction,
+                    "model_selection": "training-domain validation",
+                    "seconds": round(time.time() - start),
+                },
+            )
             print(dg_report.markdown_table(table))
             print(f"results in {args.output_dir} ({time.time() - start:.0f}s)")
         self.acc.end_training()
@@ -314,8 +411,9 @@ class Sweep:
         model = dg_methods.build_model(method, args.backbone, self.classes, self.hp)
         trainable, total = dg_methods.count_parameters(model)
         lr = args.lr or dg_methods.DEFAULT_LR[dg_methods.base_method(method)]
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                      weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay
+        )
         model, optimizer = acc.prepare(model, optimizer)
         loaders = {f"env{i}_out": self._loader(split.held_out[i]) for i in sources}
         loaders[f"env{test_env}_in"] = self._loader(split.train[test_env])
@@ -327,11 +425,22 @@ class Sweep:
                 state = json.load(f)
             step, records, loss_sum, loss_n = state["step"], state["records"], state["loss_sum"], state["loss_n"]
 
-        sampler = StepBatchSampler([len(split.train[i]) for i in sources], args.batch_size, args.steps,
-                                   seed=trial, start_step=step, accumulation=args.gradient_accumulation_steps,
-                                   num_processes=acc.num_processes, rank=acc.process_index)
-        train_loader = DataLoader(torch.utils.data.ConcatDataset([split.train[i] for i in sources]),
-                                  batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers)
+        sampler = StepBatchSampler(
+            [len(split.train[i]) for i in sources],
+            args.batch_size,
+            args.steps,
+            seed=trial,
+            start_step=step,
+            accumulation=args.gradient_accumulation_steps,
+            num_processes=acc.num_processes,
+            rank=acc.process_index,
+        )
+        train_loader = DataLoader(
+            torch.utils.data.ConcatDataset([split.train[i] for i in sources]),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=args.num_workers,
+        )
         batches = iter(train_loader)
         global_size = args.batch_size * len(sources)
         hflip = self.info.hflip if self.info else True
@@ -362,16 +471,31 @@ class Sweep:
                 bar.set_postfix(val=f"{records[-1]['val_acc']:.3f}", test=f"{records[-1]['test_acc']:.3f}")
                 loss_sum, loss_n = 0.0, 0
             if step % args.checkpointing_steps == 0 and step < args.steps:
-                save_checkpoint(acc, run_dir, step, {"step": step, "records": records, "loss_sum": loss_sum,
-                                                     "loss_n": loss_n}, args.checkpoints_total_limit)
+                save_checkpoint(
+                    acc,
+                    run_dir,
+                    step,
+                    {"step": step, "records": records, "loss_sum": loss_sum, "loss_n": loss_n},
+                    args.checkpoints_total_limit,
+                )
         bar.close()
 
         best = max(records, key=lambda r: r["val_acc"])  # first of equals: earliest step
         result = {
-            "method": method, "test_env": test_env, "test_domain": self.domain_names[test_env], "trial": trial,
-            "lr": lr, "trainable_params": trainable, "total_params": total, "selected_step": best["step"],
-            "val_acc": best["val_acc"], "test_acc": best["test_acc"], "last_test_acc": records[-1]["test_acc"],
-            "train_seconds": round(time.time() - t0, 1), "num_processes": acc.num_processes, "records": records,
+            "method": method,
+            "test_env": test_env,
+            "test_domain": self.domain_names[test_env],
+            "trial": trial,
+            "lr": lr,
+            "trainable_params": trainable,
+            "total_params": total,
+            "selected_step": best["step"],
+            "val_acc": best["val_acc"],
+            "test_acc": best["test_acc"],
+            "last_test_acc": records[-1]["test_acc"],
+            "train_seconds": round(time.time() - t0, 1),
+            "num_processes": acc.num_processes,
+            "records": records,
         }
         acc.wait_for_everyone()
         unwrapped = acc.unwrap_model(model)
@@ -407,8 +531,13 @@ class Sweep:
         return found[-1] if found else None
 
     def _loader(self, subset: Subset):
-        loader = DataLoader(subset, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=self.args.num_workers)
+        loader = DataLoader(
+            subset,
+            batch_size=self.args.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.args.num_workers,
+        )
         return self.acc.prepare(loader)
 
     def _record(self, model, loaders, step, sources, test_env, loss_sum, loss_n, run) -> dict:
@@ -434,9 +563,12 @@ class Sweep:
         assignments = dg_methods.routing_assignments(model)
         if assignments:
             path = os.path.join(self.args.output_dir, "routing", f"{method}_{self.domain_names[test_env]}.png")
-            dg_report.routing_figure(path, images.cpu(), assignments,
-                                     title=f"{method}: top-1 expert per patch, held-out domain "
-                                     f"{self.domain_names[test_env]!r}")
+            dg_report.routing_figure(
+                path,
+                images.cpu(),
+                assignments,
+                title=f"{method}: top-1 expert per patch, held-out domain {self.domain_names[test_env]!r}",
+            )
 
 
 def _has_tensorboard() -> bool:

@@ -27,8 +27,17 @@ class StepBatchSampler(Sampler[list[int]]):
         shard: this process's rank; micro-step ``m`` of a step takes shard ``m * num_processes + rank``.
     """
 
-    def __init__(self, sizes: list[int], batch_size: int, steps: int, seed: int, start_step: int = 0,
-                 accumulation: int = 1, num_processes: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        steps: int,
+        seed: int,
+        start_step: int = 0,
+        accumulation: int = 1,
+        num_processes: int = 1,
+        rank: int = 0,
+    ):
         global_batch = batch_size * len(sizes)
         if global_batch % (accumulation * num_processes):
             raise ValueError(

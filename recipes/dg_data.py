@@ -279,6 +279,7 @@ def load_domains(
                 raise ValueError(f"{data_dir!r} needs at least two domain folders, found {list(info.domains)}.")
         data, classes = folder_domains(data_dir, list(info.domains), image_size, info.num_classes or None, cache_dir)
         return data, classes, list(info.domains), info
-    data, classes, names = hub_domains(hub_dataset, list(info.domains) if info else None, image_size, **hub_kw,
-                                       cache_dir=cache_dir)
+    data, classes, names = hub_domains(
+        hub_dataset, list(info.domains) if info else None, image_size, **hub_kw, cache_dir=cache_dir
+    )
     return data, classes, names, info or DatasetInfo(tuple(names), len(classes))

@@ -102,8 +102,13 @@ def build_model(name: str, backbone: str, classes: list[str], hp: MethodArgs) ->
         from peft_gnnmoe import GNNMoEConfig
 
         config = GNNMoEConfig(
-            router=name.split("-", 1)[1], num_experts=hp.num_experts, top_k=hp.top_k, kron_rank=hp.kron_rank,
-            kron_factor=hp.kron_factor, target_modules=targets, modules_to_save=[head],
+            router=name.split("-", 1)[1],
+            num_experts=hp.num_experts,
+            top_k=hp.top_k,
+            kron_rank=hp.kron_rank,
+            kron_factor=hp.kron_factor,
+            target_modules=targets,
+            modules_to_save=[head],
         )
     else:
         raise ValueError(f"Unknown method {name!r}.")

@@ -30,14 +30,18 @@ def aggregate(results: list[dict], domains: list[str], methods: list[str]) -> di
         runs = by.get(method, {})
         if not runs:
             continue
-        row = {"trainable_params": next(iter(runs.values()))["trainable_params"],
-               "total_params": next(iter(runs.values()))["total_params"], "domains": {}}
+        row = {
+            "trainable_params": next(iter(runs.values()))["trainable_params"],
+            "total_params": next(iter(runs.values()))["total_params"],
+            "domains": {},
+        }
         trials = sorted({t for _, t in runs})
         for e in envs:
             accs = [runs[(e, t)]["test_acc"] for t in trials if (e, t) in runs]
             if accs:
-                row["domains"][domains[e]] = _mean_std(accs) | {"selected_steps": [
-                    runs[(e, t)]["selected_step"] for t in trials if (e, t) in runs]}
+                row["domains"][domains[e]] = _mean_std(accs) | {
+                    "selected_steps": [runs[(e, t)]["selected_step"] for t in trials if (e, t) in runs]
+                }
         complete = [t for t in trials if all((e, t) in runs for e in envs)]
         if complete:
             row["avg"] = _mean_std([np.mean([runs[(e, t)]["test_acc"] for e in envs]) for t in complete])
@@ -52,8 +56,10 @@ def _params(n: int) -> str:
 
 def markdown_table(table: dict) -> str:
     domains = table["domains"]
-    lines = ["| Method | Trainable params | " + " | ".join(domains) + " | Avg |",
-             "|---|---:|" + "---:|" * (len(domains) + 1)]
+    lines = [
+        "| Method | Trainable params | " + " | ".join(domains) + " | Avg |",
+        "|---|---:|" + "---:|" * (len(domains) + 1),
+    ]
     best = {}
     for d in domains + ["avg"]:
         vals = [(row["domains"].get(d) if d != "avg" else row.get("avg")) for row in table["methods"].values()]
@@ -77,10 +83,12 @@ def write_report(output_dir: str, results: list[dict], domains: list[str], metho
     table = aggregate(results, domains, methods) | {"protocol": protocol}
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(table, f, indent=2)
-    note = (f"Test-domain accuracy (%) of the checkpoint selected by training-domain validation, mean ± std over "
-            f"{len(protocol.get('trial_seeds', []))} trial seeds; {protocol.get('steps')} steps, "
-            f"{protocol.get('batch_size_per_domain')} images per training domain per step; backbone "
-            f"`{protocol.get('backbone')}`.\n\n")
+    note = (
+        f"Test-domain accuracy (%) of the checkpoint selected by training-domain validation, mean ± std over "
+        f"{len(protocol.get('trial_seeds', []))} trial seeds; {protocol.get('steps')} steps, "
+        f"{protocol.get('batch_size_per_domain')} images per training domain per step; backbone "
+        f"`{protocol.get('backbone')}`.\n\n"
+    )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(f"# {protocol.get('dataset')}\n\n{note}{markdown_table(table)}\n")
     plot_curves(os.path.join(output_dir, "curves.png"), results, domains, methods)
@@ -139,8 +147,15 @@ def plot_chart(path: str, table: dict) -> None:
         means = [c["mean"] if c else 0 for c in cells]
         stds = [c["std"] if c else 0 for c in cells]
         x = np.arange(len(groups)) + (k - (len(methods) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=stds, capsize=2, color=colors(k),
-               label=f"{method} ({_params(row['trainable_params'])})")
+        ax.bar(
+            x,
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            color=colors(k),
+            label=f"{method} ({_params(row['trainable_params'])})",
+        )
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("held-out domain accuracy (%)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -185,8 +200,15 @@ def routing_figure(path: str, images: torch.Tensor, assignments: dict[str, dict]
             ax = axes[i][j + 1]
             ax.imshow(imgs[i])
             h, w = imgs[i].shape[:2]
-            ax.imshow(expert, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=0.55, interpolation="nearest",
-                      extent=(-0.5, w - 0.5, h - 0.5, -0.5))  # the patch grid over the image's pixel edges
+            ax.imshow(
+                expert,
+                cmap=cmap,
+                vmin=-0.5,
+                vmax=cmap.N - 0.5,
+                alpha=0.55,
+                interpolation="nearest",
+                extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+            )  # the patch grid over the image's pixel edges
             if i == 0:
                 ax.set_title(_layer_of(name), fontsize=8)
     axes[0][0].set_title("input", fontsize=8)

@@ -51,8 +51,12 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_fashion_mnist(folder: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz"]
+    names = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
     if missing:
         raise FileNotFoundError(
@@ -110,8 +114,12 @@ class Contours:
         ctrl = ctrl + (torch.rand(b, 1, 1, 2, generator=g) - 0.5) * 0.3
         t = torch.linspace(0, 1, self.points).view(1, 1, -1, 1)
         p0, p1, p2, p3 = ctrl.unbind(2)  # each B, S, 2
-        curve = ((1 - t) ** 3 * p0[:, :, None] + 3 * (1 - t) ** 2 * t * p1[:, :, None]
-                 + 3 * (1 - t) * t**2 * p2[:, :, None] + t**3 * p3[:, :, None])  # B, S, P, 2
+        curve = (
+            (1 - t) ** 3 * p0[:, :, None]
+            + 3 * (1 - t) ** 2 * t * p1[:, :, None]
+            + 3 * (1 - t) * t**2 * p2[:, :, None]
+            + t**3 * p3[:, :, None]
+        )  # B, S, P, 2
         used = (torch.arange(3).view(1, 3) < self.strokes[labels].view(b, 1)).float()  # B, S
         axis = torch.linspace(-1, 1, size)
         grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).view(1, 1, 1, -1, 2)  # x, y per pixel
@@ -144,9 +152,16 @@ def main() -> None:
     contours = Contours(args.contour_classes, seed=args.seed + 1) if args.contour_classes else None
     names = CLASSES + [f"contour-{c}" for c in range(args.contour_classes)]
     config = ViTConfig(
-        image_size=args.image_size, patch_size=args.patch_size, num_channels=3, hidden_size=args.hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads, intermediate_size=args.mlp_size,
-        num_labels=len(names), id2label=dict(enumerate(names)), label2id={c: i for i, c in enumerate(names)},
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        num_channels=3,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        intermediate_size=args.mlp_size,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={c: i for i, c in enumerate(names)},
     )
     model = ViTForImageClassification(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -200,10 +215,18 @@ def main() -> None:
         size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     ).save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "pretraining.json"), "w") as f:
-        json.dump({"data": "Fashion-MNIST (Debian dataset-fashion-mnist), 60,000 train images, and "
-                   f"{args.contour_classes} formula-driven contour classes", "script":
-                   "scripts/pretrain_backbone.py", "args": vars(args) | {"output_dir": None},
-                   "fashion_mnist_test_accuracy": acc, "seconds": round(time.time() - start)}, f, indent=2)
+        json.dump(
+            {
+                "data": "Fashion-MNIST (Debian dataset-fashion-mnist), 60,000 train images, and "
+                f"{args.contour_classes} formula-driven contour classes",
+                "script": "scripts/pretrain_backbone.py",
+                "args": vars(args) | {"output_dir": None},
+                "fashion_mnist_test_accuracy": acc,
+                "seconds": round(time.time() - start),
+            },
+            f,
+            indent=2,
+        )
     print(f"saved to {args.output_dir}")
 
 

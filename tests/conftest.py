@@ -7,8 +7,9 @@ import torch
 import transformers as T
 
 # tiny ViT-family configs: 32x32 images, 8x8 patches -> a 4x4 patch grid
-_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-             patch_size=8)
+_TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+)
 
 VIT_FAMILY = {
     # name: (config class, model class, expected special tokens in front of the 16 patches)

@@ -49,8 +49,9 @@ def test_gpt2_and_encoders_are_supported():
     report = find_massive_activations(gpt2, batch()["input_ids"])
     assert report.first_layer == 1 and report.origins.keys() == {"mlp"}
     torch.manual_seed(0)
-    bert = T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64))
+    bert = T.BertModel(
+        T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
     assert len(find_massive_activations(bert, batch()["input_ids"]).layers) == 2
 
 
@@ -72,8 +73,9 @@ def test_attention_sink_scores_match_a_manual_computation():
     assert report.mean_scores[1][5:] == [0.0, 0.0]  # padded keys receive nothing
     # at random init the first token already takes more than its share: position 0 has the top score
     assert max(range(7), key=lambda k: report.mean_scores[0][k]) == 0
-    assert [s["token"] for s in report.sinks if s["batch"] == 0] == [k for k in range(7)
-                                                                       if report.mean_scores[0][k] > 0.3]
+    assert [s["token"] for s in report.sinks if s["batch"] == 0] == [
+        k for k in range(7) if report.mean_scores[0][k] > 0.3
+    ]
     json.dumps(report.to_dict())
 
 
@@ -81,12 +83,14 @@ def test_bos_cosine_matches_hooked_hidden_states():
     lm = make_lm("llama")
     model = get_peft_model(lm, LoraConfig(r=2, target_modules=["q_proj"]))  # a PeftModel is unwrapped
     data = batch(lengths=(7, 4), pad_side="left")
-    report = bos_cosine_similarity(model, {k: data[k] for k in ("input_ids", "attention_mask")}, layers=[0, 2],
-                                   bos="token")
+    report = bos_cosine_similarity(
+        model, {k: data[k] for k in ("input_ids", "attention_mask")}, layers=[0, 2], bos="token"
+    )
     assert report.bos_positions == [0, 3]
     captured = {}
-    handles = [lm.model.layers[i].register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, o))
-               for i in (0, 2)]
+    handles = [
+        lm.model.layers[i].register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(i, o)) for i in (0, 2)
+    ]
     with torch.no_grad():
         lm(input_ids=data["input_ids"], attention_mask=data["attention_mask"])
     for handle in handles:

@@ -115,19 +115,25 @@ def test_hub_style_dataset_is_split_by_its_domain_column(tmp_path):
             rows["image"].append(Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)))
             rows["domain"].append(dom)
             rows["label"].append(["dog", "horse"][k % 2])
-    ds = datasets.Dataset.from_dict(rows, features=datasets.Features(
-        {"image": datasets.Image(), "domain": datasets.Value("string"), "label": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        rows,
+        features=datasets.Features(
+            {"image": datasets.Image(), "domain": datasets.Value("string"), "label": datasets.Value("string")}
+        ),
+    )
     os.makedirs(tmp_path / "hub")
     ds.to_parquet(str(tmp_path / "hub" / "train.parquet"))
-    domains, classes, names, _ = dg_data.load_domains("PACS", None, str(tmp_path / "hub"), 8,
-                                                      cache_dir=str(tmp_path / "c"))
+    domains, classes, names, _ = dg_data.load_domains(
+        "PACS", None, str(tmp_path / "hub"), 8, cache_dir=str(tmp_path / "c")
+    )
     assert names == ["art_painting", "cartoon", "photo", "sketch"]  # registry order, not file order
     assert classes == ["dog", "horse"]
     assert [len(d) for d in domains] == [3, 3, 3, 3]
     assert [domains[2][k][1] for k in range(3)] == [0, 1, 0]
     with pytest.raises(ValueError, match="no column 'dom'"):
-        dg_data.load_domains("PACS", None, str(tmp_path / "hub"), 8, cache_dir=str(tmp_path / "c"),
-                             domain_column="dom")
+        dg_data.load_domains(
+            "PACS", None, str(tmp_path / "hub"), 8, cache_dir=str(tmp_path / "c"), domain_column="dom"
+        )
 
 
 def test_step_batches_shard_into_the_same_global_batch():
@@ -137,10 +143,12 @@ def test_step_batches_shard_into_the_same_global_batch():
     assert len(batches) == 3 and all(len(b) == 12 for b in batches)
     # each domain contributes batch_size indices from its own range of the ConcatDataset
     first = torch.tensor(batches[0])
-    assert ((first[:4] < 7).all() and ((first[4:8] >= 7) & (first[4:8] < 18)).all() and (first[8:] >= 18).all())
+    assert (first[:4] < 7).all() and ((first[4:8] >= 7) & (first[4:8] < 18)).all() and (first[8:] >= 18).all()
     # 2 processes x 2 accumulation steps: the four shards of a step are the global batch, each example once
-    shards = [list(dg_batches.StepBatchSampler(sizes, 4, 3, seed=3, accumulation=2, num_processes=2, rank=r))
-              for r in range(2)]
+    shards = [
+        list(dg_batches.StepBatchSampler(sizes, 4, 3, seed=3, accumulation=2, num_processes=2, rank=r))
+        for r in range(2)
+    ]
     for step in range(3):
         got = sorted(i for r in range(2) for m in range(2) for i in shards[r][2 * step + m])
         assert got == sorted(batches[step])

@@ -40,19 +40,49 @@ def tiny(tmp_path_factory):
             img = np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
             os.makedirs(root / "data" / dom / cls, exist_ok=True)
             Image.fromarray(img).save(root / "data" / dom / cls / f"{i}.png")
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     ViTModel(config, add_pooling_layer=False).save_pretrained(root / "vit")
     with open(root / "vit" / "preprocessor_config.json", "w") as f:
-        json.dump({"image_processor_type": "ViTImageProcessor", "size": {"height": 16, "width": 16},
-                   "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, f)
+        json.dump(
+            {
+                "image_processor_type": "ViTImageProcessor",
+                "size": {"height": 16, "width": 16},
+                "image_mean": [0.5] * 3,
+                "image_std": [0.5] * 3,
+            },
+            f,
+        )
     return root
 
 
 def _args(tiny, out, *extra):
-    return ["--dataset", "Tiny", "--data_dir", str(tiny / "data"), "--backbone", str(tiny / "vit"),
-            "--cache_dir", str(tiny / "hf_cache"), "--output_dir", str(out), "--eval_batch_size", "4",
-            "--batch_size", "4", "--report_to", "none", *extra]
+    return [
+        "--dataset",
+        "Tiny",
+        "--data_dir",
+        str(tiny / "data"),
+        "--backbone",
+        str(tiny / "vit"),
+        "--cache_dir",
+        str(tiny / "hf_cache"),
+        "--output_dir",
+        str(out),
+        "--eval_batch_size",
+        "4",
+        "--batch_size",
+        "4",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def _script_env():
@@ -72,9 +102,28 @@ def one_thread():
 
 def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
     out = tmp_path / "sweep"
+
     def argv_for(steps):
-        return _args(tiny, out, "--method", "gnnmoe", "lora", "probe", "full", "--router", "gcn", "--steps", steps,
-                     "--eval_every", "2", "--trial_seeds", "0", "1", "--routing_images", "2")
+        return _args(
+            tiny,
+            out,
+            "--method",
+            "gnnmoe",
+            "lora",
+            "probe",
+            "full",
+            "--router",
+            "gcn",
+            "--steps",
+            steps,
+            "--eval_every",
+            "2",
+            "--trial_seeds",
+            "0",
+            "1",
+            "--routing_images",
+            "2",
+        )
 
     argv = argv_for("4")
     table = dg.main(argv)
@@ -91,7 +140,8 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
                 # evaluated: the held-out 20% of each training domain, and the 80% part of the held-out domain
                 sources = [i for i in range(3) if i != e]
                 assert sorted(k for k in rec if k.endswith("_n")) == sorted(
-                    [f"env{i}_out_n" for i in sources] + [f"env{e}_in_n"])
+                    [f"env{i}_out_n" for i in sources] + [f"env{e}_in_n"]
+                )
                 n = list(DOMAIN_SIZES.values())
                 for i in sources:
                     assert rec[f"env{i}_out_n"] == len(split_indices(n[i], 0.2, seed_hash(trial, i))[1])
@@ -121,17 +171,43 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
 
 
 def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
-    common = ["--method", "gnnmoe", "--router", "gat", "--test_envs", "1", "--trial_seeds", "0", "--steps", "60",
-              "--eval_every", "5", "--checkpointing_steps", "5", "--routing_images", "0"]
+    common = [
+        "--method",
+        "gnnmoe",
+        "--router",
+        "gat",
+        "--test_envs",
+        "1",
+        "--trial_seeds",
+        "0",
+        "--steps",
+        "60",
+        "--eval_every",
+        "5",
+        "--checkpointing_steps",
+        "5",
+        "--routing_images",
+        "0",
+    ]
     script = os.path.join(REPO, "recipes", "dg.py")
-    ref = subprocess.run([sys.executable, script, *_args(tiny, tmp_path / "ref", *common)], env=_script_env(),
-                         capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        [sys.executable, script, *_args(tiny, tmp_path / "ref", *common)],
+        env=_script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "killed"
     run_dir = out / "runs" / "gnnmoe-gat" / "env1_trial0"
-    proc = subprocess.Popen([sys.executable, script, *_args(tiny, out, *common)], env=_script_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, script, *_args(tiny, out, *common)],
+        env=_script_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "step_10").exists():
         assert proc.poll() is None, f"the run ended before its second checkpoint: {proc.stderr.read()[-3000:]}"
@@ -143,8 +219,13 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     steps = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
     assert 10 <= steps[-1] < 60
 
-    resumed = subprocess.run([sys.executable, script, *_args(tiny, out, *common), "--resume_from_checkpoint"],
-                             env=_script_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, script, *_args(tiny, out, *common), "--resume_from_checkpoint"],
+        env=_script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with open(tmp_path / "ref" / "runs" / "gnnmoe-gat" / "env1_trial0" / "result.json") as f:
         want = json.load(f)
@@ -162,14 +243,51 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
     out = tmp_path / "ddp"
     # on a machine without GPUs, `--multi_gpu` only means "start the processes with torchrun"; ACCELERATE_USE_CPU makes
     # accelerate set up DDP over gloo on the CPU (`--cpu` alone would start a single process)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           os.path.join(REPO, "recipes", "dg.py"),
-           *_args(tiny, out, "--method", "gnnmoe", "lora", "--router", "sage", "--num_experts", "64", "--top_k", "1",
-                  "--test_envs", "0", "--trial_seeds", "0", "--steps", "4", "--eval_every", "2",
-                  "--gradient_accumulation_steps", "2", "--routing_images", "0", "--eval_batch_size", "3")]
-    res = subprocess.run(cmd, env=_script_env() | {"ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        os.path.join(REPO, "recipes", "dg.py"),
+        *_args(
+            tiny,
+            out,
+            "--method",
+            "gnnmoe",
+            "lora",
+            "--router",
+            "sage",
+            "--num_experts",
+            "64",
+            "--top_k",
+            "1",
+            "--test_envs",
+            "0",
+            "--trial_seeds",
+            "0",
+            "--steps",
+            "4",
+            "--eval_every",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--routing_images",
+            "0",
+            "--eval_batch_size",
+            "3",
+        ),
+    ]
+    res = subprocess.run(
+        cmd, env=_script_env() | {"ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     n = list(DOMAIN_SIZES.values())
     for method in ("gnnmoe-sage", "lora"):

@@ -45,8 +45,9 @@ def test_kron_convention_matches_torch_kron_on_one_term():
     right = torch.zeros(1, n, p, q, dtype=torch.float64)
     right[0, 0] = torch.randn(p, q, dtype=torch.float64)
     x = torch.randn(7, n * p, dtype=torch.float64)
-    y = kron_moe_forward(x, torch.ones(7, 1, dtype=torch.float64), rules, left, right,
-                         torch.zeros(1, n * q, dtype=torch.float64))
+    y = kron_moe_forward(
+        x, torch.ones(7, 1, dtype=torch.float64), rules, left, right, torch.zeros(1, n * q, dtype=torch.float64)
+    )
     torch.testing.assert_close(y, x @ torch.kron(rules[0], right[0, 0]))
 
 

@@ -71,8 +71,14 @@ def test_clip_full_model_defaults_adapt_only_the_vision_tower():
 
     config = CLIPConfig(
         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           image_size=32, patch_size=8),
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     model = get_peft_model(CLIPModel(config), GNNMoEConfig())
@@ -118,8 +124,7 @@ def test_aux_loss_is_added_to_output_loss_and_retrievable(images, labels):
 
 
 def test_switch_balance_loss_and_weights(images):
-    model = get_peft_model(make_vit(), GNNMoEConfig(balance_loss="switch", balance_loss_weight=0.5,
-                                                    z_loss_weight=0.0))
+    model = get_peft_model(make_vit(), GNNMoEConfig(balance_loss="switch", balance_loss_weight=0.5, z_loss_weight=0.0))
     model(pixel_values=images)
     stats = get_routing_stats(model)
     expected = sum(0.5 * s["balance_loss"] for s in stats.values())
@@ -244,8 +249,9 @@ def test_two_dimensional_input_routes_each_row_on_its_own():
 def test_text_model_with_knn_graph_and_clear_error_for_grid():
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        vocab_size=50)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50
+    )
     ids = torch.randint(0, 50, (2, 7))
     model = get_peft_model(BertModel(config), GNNMoEConfig(target_modules=["query", "value"], graph="knn"))
     assert model(input_ids=ids).last_hidden_state.shape == (2, 7, 32)
@@ -255,8 +261,9 @@ def test_text_model_with_knn_graph_and_clear_error_for_grid():
 
 
 def test_every_other_block_option():
-    model = get_peft_model(make_vit(num_hidden_layers=4), GNNMoEConfig(layers_to_transform=[1, 3],
-                                                                       layers_pattern="layers"))
+    model = get_peft_model(
+        make_vit(num_hidden_layers=4), GNNMoEConfig(layers_to_transform=[1, 3], layers_pattern="layers")
+    )
     adapted = {n.split(".layers.")[1].split(".")[0] for n, m in model.named_modules() if isinstance(m, GNNMoELayer)}
     assert adapted == {"1", "3"}
 

@@ -49,7 +49,7 @@ def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path, images):
         import torch, peft_gnnmoe
         from peft import PeftModel
         from transformers import ViTForImageClassification
-        io = torch.load({str(tmp_path / 'io.pt')!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
         base = ViTForImageClassification.from_pretrained({str(base_dir)!r})
         model = PeftModel.from_pretrained(base, {str(adapter_dir)!r}, adapter_name="renamed").eval()
         with torch.no_grad():

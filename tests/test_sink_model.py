@@ -20,8 +20,12 @@ ARCHS = {
     "gemma": (T.GemmaConfig, dict(_DECODER, head_dim=8)),
     "gpt2": (T.GPT2Config, dict(n_embd=32, n_layer=3, n_head=4)),
 }
-TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-           "gpt2": ["c_attn"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
 
 
 def make_lm(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

@@ -15,7 +15,10 @@ from .test_sink_model import batch, make_lm, sink_model
 
 def test_round_trip(tmp_path):
     model = sink_model(
-        weight=0.25, layers="all_but_last", tokens="prefix", form="abs",
+        weight=0.25,
+        layers="all_but_last",
+        tokens="prefix",
+        form="abs",
         base_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     model.save_pretrained(tmp_path)

@@ -26,9 +26,11 @@ def test_decorrelation_loss_lowers_bos_cosine_after_training():
         with_loss = script.train(weight=1.0, steps=30)
     finally:
         torch.set_num_threads(threads)
-    print(f"mean cos to BOS after 30 steps: without loss {without['after']['mean_cos']:.3f} "
-          f"(|cos| {without['after']['mean_abs_cos']:.3f}), with loss {with_loss['after']['mean_cos']:.3f} "
-          f"(|cos| {with_loss['after']['mean_abs_cos']:.3f})")
+    print(
+        f"mean cos to BOS after 30 steps: without loss {without['after']['mean_cos']:.3f} "
+        f"(|cos| {without['after']['mean_abs_cos']:.3f}), with loss {with_loss['after']['mean_cos']:.3f} "
+        f"(|cos| {with_loss['after']['mean_abs_cos']:.3f})"
+    )
     assert without["before"] == with_loss["before"]  # same model, same data: only the loss differs
     assert with_loss["after"]["mean_abs_cos"] < 0.5 * without["after"]["mean_abs_cos"]
     assert with_loss["after"]["mean_cos"] < 0.5 * without["after"]["mean_cos"]

@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.model} has no tokenizer: pass --input-ids.")
         texts = args.text or [DEFAULT_TEXT]
         if args.chat:
-            texts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts
-            ]
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         batch = dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length))

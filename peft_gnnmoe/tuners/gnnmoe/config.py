@@ -169,8 +169,16 @@ class GNNMoEConfig(PeftConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"GNNMoEConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
 
-        for name in ("num_experts", "top_k", "kron_factor", "kron_rank", "router_hidden", "router_layers",
-                     "router_heads", "knn_k"):
+        for name in (
+            "num_experts",
+            "top_k",
+            "kron_factor",
+            "kron_rank",
+            "router_hidden",
+            "router_layers",
+            "router_heads",
+            "knn_k",
+        ):
             positive(name)
         if self.top_k > self.num_experts:
             raise ValueError(

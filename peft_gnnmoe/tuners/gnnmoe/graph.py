@@ -29,9 +29,7 @@ class TokenLayout:
     grid: tuple[int, int] | None  # None: the patches have no known 2-D layout
 
 
-def infer_layout(
-    num_tokens: int, num_prefix: int, grid_hint: tuple[int, int] | None, need_grid: bool
-) -> TokenLayout:
+def infer_layout(num_tokens: int, num_prefix: int, grid_hint: tuple[int, int] | None, need_grid: bool) -> TokenLayout:
     """Work out the patch grid of a sequence of ``num_tokens`` tokens.
 
     The hint (from the model config or the adapter config) wins when it matches the patch count; otherwise a square
@@ -72,9 +70,7 @@ def _grid_adjacency(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_token_graph(
-    x: torch.Tensor, layout: TokenLayout, mode: str, knn_k: int, prefix_mode: str
-) -> torch.Tensor:
+def build_token_graph(x: torch.Tensor, layout: TokenLayout, mode: str, knn_k: int, prefix_mode: str) -> torch.Tensor:
     """Edge index (2, num_edges) of the batched token graph of ``x`` (B, S, D); messages flow from row 0 to row 1."""
     batch, seq, _ = x.shape
     p = layout.num_prefix

@@ -27,8 +27,9 @@ import torch
 def kron_shapes(in_features: int, out_features: int, factor: int) -> tuple[int, int]:
     """Return (p, q) = (in_features / n, out_features / n), or raise if n does not tile the layer."""
     if in_features % factor or out_features % factor:
-        divisors = [d for d in range(1, min(in_features, out_features) + 1)
-                    if in_features % d == 0 and out_features % d == 0]
+        divisors = [
+            d for d in range(1, min(in_features, out_features) + 1) if in_features % d == 0 and out_features % d == 0
+        ]
         raise ValueError(
             f"kron_factor={factor} cannot tile a {in_features} -> {out_features} layer: it must divide both "
             f"dimensions. Choose one of {divisors[-8:]} (or exclude this layer)."

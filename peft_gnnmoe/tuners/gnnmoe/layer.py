@@ -75,9 +75,7 @@ class GNNMoELayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def update_layer(
-        self, adapter_name: str, config: GNNMoEConfig, shared_router: GraphRouter | None = None
-    ) -> None:
+    def update_layer(self, adapter_name: str, config: GNNMoEConfig, shared_router: GraphRouter | None = None) -> None:
         """Create the experts of ``adapter_name``; use ``shared_router`` or create (and own) a new router."""
         tensors = init_kron_experts(
             self.in_features,

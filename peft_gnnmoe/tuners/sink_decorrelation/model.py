@@ -266,4 +266,3 @@ def _bind_forward_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[s
     if signature is None:
         signature = _SIGNATURES[type(module)] = inspect.signature(module.forward)
     return dict(signature.bind_partial(*args, **kwargs).arguments) | kwargs
-
