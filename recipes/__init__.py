@@ -1,0 +1,1 @@
+"""Training recipes (run as modules from the repository root: ``accelerate launch -m recipes.dg``)."""
