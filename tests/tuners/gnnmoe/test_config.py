@@ -7,8 +7,6 @@ from peft import PeftConfig, get_peft_model
 import peft_gnnmoe
 from peft_gnnmoe import GNNMoEConfig
 
-from .conftest import make_vit
-
 
 @pytest.mark.parametrize(
     "kwargs,message",
@@ -57,7 +55,7 @@ def test_valid_config_round_trips_through_json(tmp_path):
     assert set(loaded.target_modules) == {"q_proj", "fc1"}
 
 
-def test_kron_factor_that_cannot_tile_a_layer_fails_naming_the_layer():
+def test_kron_factor_that_cannot_tile_a_layer_fails_naming_the_layer(make_vit):
     with pytest.raises(ValueError, match=r"Cannot adapt vit\.layers\.0\.attention\.q_proj: kron_factor=5"):
         get_peft_model(make_vit(), GNNMoEConfig(kron_factor=5))
 
@@ -75,18 +73,19 @@ def test_unknown_architecture_without_targets_asks_for_target_modules():
         get_peft_model(Tiny(), GNNMoEConfig())
 
 
-def test_non_linear_target_is_rejected():
+def test_non_linear_target_is_rejected(make_vit):
     with pytest.raises(TypeError, match="torch.nn.Linear layers only"):
         get_peft_model(make_vit(), GNNMoEConfig(target_modules=["layernorm_before"]))
 
 
-def test_registration_is_idempotent_and_keeps_peft_types_working():
+def test_registration_is_idempotent_and_keeps_peft_types_working(make_vit):
     import importlib
 
     from peft import LoraConfig
     from peft.utils import PeftType
 
     importlib.reload(peft_gnnmoe.tuners.gnnmoe)
-    assert PeftType("GNNMOE") is PeftType.GNNMOE and "GNNMOE" in [t.value for t in PeftType]
+    assert PeftType("GNNMOE") is PeftType.GNNMOE
+    assert "GNNMOE" in [t.value for t in PeftType]
     model = get_peft_model(make_vit(), LoraConfig(target_modules=["q_proj"]))
     assert model.peft_config["default"].peft_type == PeftType.LORA

@@ -58,10 +58,21 @@ def test_forward_and_backward_never_build_the_dense_weight(monkeypatch):
         raise AssertionError("torch.kron must not be called on the factored path")
 
     monkeypatch.setattr(torch, "kron", forbidden)
+    saved_sizes = []
+
+    def pack(tensor):
+        saved_sizes.append(tensor.numel())
+        return tensor
+
     x = torch.randn(2, 9, 32, dtype=torch.float64)
-    y = kron_moe_forward(x, torch.rand(2, 9, 4, dtype=torch.float64), t["rules"], t["left"], t["right"], t["bias"])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = kron_moe_forward(x, torch.rand(2, 9, 4, dtype=torch.float64), t["rules"], t["left"], t["right"], t["bias"])
     y.sum().backward()
-    assert t["left"].grad is not None and t["rules"].grad is not None
+    assert saved_sizes  # the hook saw the tensors autograd keeps for backward
+    assert 4 * 32 * 64 not in saved_sizes  # E * in * out: all dense expert weights
+    assert 32 * 64 not in saved_sizes  # in * out: one dense expert weight
+    assert t["left"].grad is not None
+    assert t["rules"].grad is not None
 
 
 def test_zero_right_factor_gives_zero_update():

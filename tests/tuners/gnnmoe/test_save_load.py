@@ -11,10 +11,8 @@ from transformers import ViTForImageClassification
 
 from peft_gnnmoe import GNNMoEConfig
 
-from .conftest import make_vit
 
-
-def _trained_adapter(tmp_path, router="gat", **cfg):
+def _trained_adapter(make_vit, tmp_path, router="gat", **cfg):
     base_dir = tmp_path / "base"
     make_vit(seed=0).save_pretrained(base_dir)  # a local "Hub" checkpoint of the base model
     config = GNNMoEConfig(router=router, init_weights=False, modules_to_save=["classifier"], **cfg)
@@ -24,23 +22,26 @@ def _trained_adapter(tmp_path, router="gat", **cfg):
     return model.eval(), base_dir, adapter_dir
 
 
-def test_saved_adapter_is_a_standard_peft_repo(tmp_path):
-    model, base_dir, adapter_dir = _trained_adapter(tmp_path)
+def test_saved_adapter_is_a_standard_peft_repo(tmp_path, make_vit):
+    model, base_dir, adapter_dir = _trained_adapter(make_vit, tmp_path)
     files = {p.name for p in adapter_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert config["peft_type"] == "GNNMOE" and config["router"] == "gat"
+    assert config["peft_type"] == "GNNMOE"
+    assert config["router"] == "gat"
     keys = load_file(adapter_dir / "adapter_model.safetensors").keys()
     assert any(".gnnmoe_router.convs.0." in k for k in keys)  # routers are saved, without the adapter name
     assert not any(".default." in k for k in keys)
     # only the owner of a shared router saves it: one router per block
     assert len({k.split(".gnnmoe_router.")[0] for k in keys if ".gnnmoe_router." in k}) == 2
     card = (adapter_dir / "README.md").read_text()
-    assert "library_name: peft" in card and f"base_model: {base_dir}" in card and "- gnnmoe" in card
+    assert "library_name: peft" in card
+    assert f"base_model: {base_dir}" in card
+    assert "- gnnmoe" in card
 
 
-def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path, images):
-    model, base_dir, adapter_dir = _trained_adapter(tmp_path, router="sage")
+def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path, images, make_vit):
+    model, base_dir, adapter_dir = _trained_adapter(make_vit, tmp_path, router="sage")
     with torch.no_grad():
         expected = model(pixel_values=images).logits
     torch.save({"images": images, "expected": expected}, tmp_path / "io.pt")
@@ -62,16 +63,16 @@ def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path, images):
     assert "IDENTICAL" in result.stdout, result.stderr[-2000:]
 
 
-def test_peft_config_and_auto_peft_model_load_from_local_folders(tmp_path, images):
-    model, base_dir, adapter_dir = _trained_adapter(tmp_path)
+def test_peft_config_and_auto_peft_model_load_from_local_folders(tmp_path, images, make_vit):
+    model, base_dir, adapter_dir = _trained_adapter(make_vit, tmp_path)
     assert isinstance(PeftConfig.from_pretrained(adapter_dir), GNNMoEConfig)
     auto = AutoPeftModel.from_pretrained(adapter_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(auto(pixel_values=images).logits, model(pixel_values=images).logits)
 
 
-def test_adapter_with_missing_tensors_is_rejected(tmp_path):
-    _, base_dir, adapter_dir = _trained_adapter(tmp_path)
+def test_adapter_with_missing_tensors_is_rejected(tmp_path, make_vit):
+    _, base_dir, adapter_dir = _trained_adapter(make_vit, tmp_path)
     path = adapter_dir / "adapter_model.safetensors"
     tensors = load_file(path)
     save_file({k: v for k, v in tensors.items() if "gnnmoe_router" not in k}, path)
@@ -79,14 +80,14 @@ def test_adapter_with_missing_tensors_is_rejected(tmp_path):
         PeftModel.from_pretrained(make_vit(seed=0), adapter_dir)
 
 
-def test_adapter_for_another_architecture_is_rejected(tmp_path):
-    _, _, adapter_dir = _trained_adapter(tmp_path)
+def test_adapter_for_another_architecture_is_rejected(tmp_path, make_vit):
+    _, _, adapter_dir = _trained_adapter(make_vit, tmp_path)
     with pytest.raises(RuntimeError, match="size mismatch"):
         PeftModel.from_pretrained(make_vit(seed=0, hidden_size=64), adapter_dir)
 
 
-def test_corrupt_safetensors_is_rejected_and_the_file_left_alone(tmp_path):
-    _, _, adapter_dir = _trained_adapter(tmp_path)
+def test_corrupt_safetensors_is_rejected_and_the_file_left_alone(tmp_path, make_vit):
+    _, _, adapter_dir = _trained_adapter(make_vit, tmp_path)
     path = adapter_dir / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     before = path.read_bytes()
@@ -95,8 +96,8 @@ def test_corrupt_safetensors_is_rejected_and_the_file_left_alone(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_pickled_weights_are_refused(tmp_path):
-    _, _, adapter_dir = _trained_adapter(tmp_path)
+def test_pickled_weights_are_refused(tmp_path, make_vit):
+    _, _, adapter_dir = _trained_adapter(make_vit, tmp_path)
     path = adapter_dir / "adapter_model.safetensors"
     torch.save(load_file(path), adapter_dir / "adapter_model.bin")
     path.unlink()
@@ -104,7 +105,7 @@ def test_pickled_weights_are_refused(tmp_path):
         PeftModel.from_pretrained(make_vit(seed=0), adapter_dir)
 
 
-def test_second_adapter_saves_and_loads_by_name(tmp_path, images):
+def test_second_adapter_saves_and_loads_by_name(tmp_path, images, make_vit):
     model = get_peft_model(make_vit(seed=0), GNNMoEConfig(init_weights=False))
     model.add_adapter("b", GNNMoEConfig(init_weights=False, router="gcn", num_experts=2, top_k=1))
     model.set_adapter("b")

@@ -17,7 +17,9 @@ def test_grid_graph_degrees_and_symmetry():
     assert torch.equal(adj, adj.T)
     degree = adj.sum(1).view(3, 4)
     assert degree.tolist() == [[2, 3, 3, 2], [3, 4, 4, 3], [2, 3, 3, 2]]
-    assert adj[0, 1] and adj[0, 4] and not adj[0, 5]  # right and down neighbours, no diagonal
+    assert adj[0, 1]  # right neighbour
+    assert adj[0, 4]  # down neighbour
+    assert not adj[0, 5]  # no diagonal
 
 
 def test_knn_links_each_patch_to_its_most_similar_patches():
@@ -39,9 +41,12 @@ def test_prefix_tokens_connect_or_isolated():
     x = torch.randn(1, 1 + 9, 8)
     layout = TokenLayout(1, (3, 3))
     connected = _adjacency(build_token_graph(x, layout, "grid", 2, "connect"), 10)
-    assert connected[0, 1:].all() and connected[1:, 0].all() and not connected[0, 0]
+    assert connected[0, 1:].all()
+    assert connected[1:, 0].all()
+    assert not connected[0, 0]
     isolated = _adjacency(build_token_graph(x, layout, "grid", 2, "isolated"), 10)
-    assert not isolated[0].any() and not isolated[:, 0].any()
+    assert not isolated[0].any()
+    assert not isolated[:, 0].any()
     assert torch.equal(isolated[1:, 1:], connected[1:, 1:])
 
 
