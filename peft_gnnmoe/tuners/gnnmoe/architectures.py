@@ -1,7 +1,8 @@
 """Facts about ViT-family architectures in transformers, looked up in one place.
 
-Default target modules, the number of special tokens in front of the patch tokens (CLS, distillation, registers) and
-the patch grid are all derived from the model's config here, and nowhere else.
+Default target modules, the number of special tokens in front of the patch tokens (CLS, distillation, registers),
+the patch grid and whether the patches are in grid order are all derived from the model's config here, and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ VIT_FAMILY_TARGET_MODULES: dict[str, Any] = {
     "dinov2": _QKV,
     "dinov2_with_registers": _QKV,
     "vit_msn": _QKV,
+    "vit_mae": _QKV,
     "ijepa": _QKV,
     "clip_vision_model": _QKV,
     "siglip_vision_model": _QKV,
@@ -60,3 +62,19 @@ def patch_grid_from_config(config: Any) -> tuple[int, int] | None:
     image_hw = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     patch_hw = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
     return int(image_hw[0]) // int(patch_hw[0]), int(image_hw[1]) // int(patch_hw[1])
+
+
+# models whose encoder shuffles the patch tokens at random (and keeps a random subset): their order is not spatial
+_SHUFFLED_PATCH_MODELS = ("vit_mae",)
+
+
+def patches_in_spatial_order(config: Any, module_name: str) -> bool:
+    """Whether the layer ``module_name`` sees the patch tokens in row-major grid order.
+
+    ViT-MAE's encoder sees CLS + a random subset of the patches in random order (``random_masking`` shuffles them even
+    with ``mask_ratio=0``); its decoder sees CLS + all patches restored to grid order.
+    """
+    model_type = getattr(_vision_config(config), "model_type", "")
+    if model_type in _SHUFFLED_PATCH_MODELS:
+        return ".decoder." in f".{module_name}."
+    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -17,6 +18,16 @@ ROUTER_TYPES = ("gcn", "gat", "sage")
 GRAPH_MODES = ("knn", "grid", "knn+grid")
 PREFIX_MODES = ("connect", "isolated")
 BALANCE_LOSSES = ("squared_mean", "switch")
+
+_FLOAT_FIELDS = (
+    "router_dropout",
+    "router_noise_std",
+    "router_temperature",
+    "balance_loss_weight",
+    "z_loss_weight",
+    "expert_dropout",
+)
+_BOOL_FIELDS = ("add_aux_loss_to_output", "expert_bias", "init_weights", "inference_mode")
 
 
 @dataclass
@@ -120,7 +131,8 @@ class GNNMoEConfig(PeftConfig):
     balance_loss: Literal["squared_mean", "switch"] = field(
         default="squared_mean",
         metadata={
-            "help": "Load-balancing loss: 'squared_mean' = E * sum_e mean_t(p_te)^2, 'switch' = E * sum_e f_e p_e."
+            "help": "Load-balancing loss of every image (over its real tokens t): 'squared_mean' = "
+            "E * sum_e mean_t(p_te)^2, 'switch' = E * sum_e f_e p_e; weighted per sample like the model's loss."
         },
     )
     balance_loss_weight: float = field(default=0.01, metadata={"help": "Weight of the load-balancing loss."})
@@ -160,6 +172,16 @@ class GNNMoEConfig(PeftConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GNNMoEConfig.{name}={getattr(self, name)!r} is unknown; use one of {allowed}.")
 
+        def real(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"GNNMoEConfig.{name} must be a finite number, got {value!r}.")
+
+        def flag(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"GNNMoEConfig.{name} must be True or False, got {value!r}.")
+
         def fraction(name: str) -> None:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -194,6 +216,10 @@ class GNNMoEConfig(PeftConfig):
                 f"GNNMoEConfig.router_hidden={self.router_hidden} is not divisible by router_heads="
                 f"{self.router_heads}: the GAT router concatenates its heads. Pick a divisor as router_heads."
             )
+        for name in _FLOAT_FIELDS:
+            real(name)
+        for name in _BOOL_FIELDS:
+            flag(name)
         fraction("router_dropout")
         fraction("expert_dropout")
         for name in ("router_noise_std", "balance_loss_weight", "z_loss_weight"):

@@ -8,6 +8,10 @@ tokens ``[P, S)`` are patches on an H x W grid in row-major order. Edges:
 - ``grid``: each patch to its 4 spatial neighbours (the adjacency is computed once per grid size and cached);
 - special tokens: linked to every patch and to each other (``connect``) or to nothing (``isolated``).
 
+With a token mask (``valid``, B x S, from the model call's attention mask), masked tokens (padding) are no graph
+nodes: no edge enters or leaves them and they are never kNN candidates, so the real tokens' graph does not depend on
+the padding.
+
 torch_cluster's ``knn_graph`` is not needed: the batched similarity and ``topk`` do the same on any install.
 """
 
@@ -29,12 +33,21 @@ class TokenLayout:
     grid: tuple[int, int] | None  # None: the patches have no known 2-D layout
 
 
-def infer_layout(num_tokens: int, num_prefix: int, grid_hint: tuple[int, int] | None, need_grid: bool) -> TokenLayout:
+def infer_layout(
+    num_tokens: int,
+    num_prefix: int,
+    grid_hint: tuple[int, int] | None,
+    need_grid: bool,
+    explicit_grid: bool = False,
+    square_fallback: bool = True,
+) -> TokenLayout:
     """Work out the patch grid of a sequence of ``num_tokens`` tokens.
 
-    The hint (from the model config or the adapter config) wins when it matches the patch count; otherwise a square
-    patch count gives a square grid (e.g. a ViT run at another resolution). When no grid fits and the graph needs one,
-    raise an error that says how to fix it.
+    The hint (from the model config, or ``patch_grid`` of the adapter config when ``explicit_grid``) wins when it
+    matches the patch count. Otherwise an explicit ``patch_grid`` is an error when the graph needs a grid; a hint from
+    the model config gives way to the square grid of a square patch count (a ViT run at another resolution) unless
+    ``square_fallback`` is False (patches in no spatial order, e.g. ViT-MAE's shuffled patches). When no grid fits
+    and the graph needs one (``grid`` or ``knn+grid``), raise an error that says how to fix it.
     """
     num_patches = num_tokens - num_prefix
     if num_patches < 0:
@@ -44,8 +57,14 @@ def infer_layout(num_tokens: int, num_prefix: int, grid_hint: tuple[int, int] | 
         )
     if grid_hint is not None and grid_hint[0] * grid_hint[1] == num_patches:
         return TokenLayout(num_prefix, (int(grid_hint[0]), int(grid_hint[1])))
+    if explicit_grid and need_grid:
+        raise ValueError(
+            f"GNNMoEConfig(patch_grid={list(grid_hint)}) holds {grid_hint[0] * grid_hint[1]} patches, but the layer "
+            f"sees {num_patches} patch tokens (= {num_tokens} tokens - {num_prefix} special tokens). Set patch_grid "
+            "to the [rows, cols] of the images you feed, or None to read it from the model config."
+        )
     side = math.isqrt(num_patches)
-    if num_patches > 0 and side * side == num_patches:
+    if square_fallback and not explicit_grid and num_patches > 0 and side * side == num_patches:
         return TokenLayout(num_prefix, (side, side))
     if need_grid:
         raise ValueError(
@@ -70,19 +89,32 @@ def _grid_adjacency(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_token_graph(x: torch.Tensor, layout: TokenLayout, mode: str, knn_k: int, prefix_mode: str) -> torch.Tensor:
-    """Edge index (2, num_edges) of the batched token graph of ``x`` (B, S, D); messages flow from row 0 to row 1."""
+def build_token_graph(
+    x: torch.Tensor,
+    layout: TokenLayout,
+    mode: str,
+    knn_k: int,
+    prefix_mode: str,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Edge index (2, num_edges) of the batched token graph of ``x`` (B, S, D); messages flow from row 0 to row 1.
+
+    ``valid`` (B, S) bool marks the real tokens; None means every token is real.
+    """
     batch, seq, _ = x.shape
     p = layout.num_prefix
     num_patches = seq - p
+    pairs = None if valid is None else valid[:, :, None] & valid[:, None, :]  # B, S, S: both ends real
     adj = torch.zeros(batch, seq, seq, dtype=torch.bool, device=x.device)
     patches = adj[:, p:, p:]  # view: B, Np, Np
     if "knn" in mode and num_patches > 1:
         feats = F.normalize(x[:, p:].float(), dim=-1)
         sim = feats @ feats.transpose(1, 2)  # B, Np, Np cosine similarity
+        if pairs is not None:
+            sim = sim.masked_fill(~pairs[:, p:, p:], float("-inf"))  # padding is never a candidate
         sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-        neighbours = sim.topk(min(knn_k, num_patches - 1), dim=-1).indices  # B, Np, k
-        patches.scatter_(-1, neighbours, True)
+        top = sim.topk(min(knn_k, num_patches - 1), dim=-1)  # B, Np, k
+        patches.scatter_(-1, top.indices, top.values > float("-inf"))  # fewer real candidates than k: keep those
         patches |= patches.transpose(1, 2).clone()
     if "grid" in mode and layout.grid is not None and num_patches > 1:
         patches |= _grid_adjacency(layout.grid[0], layout.grid[1], x.device)
@@ -90,6 +122,8 @@ def build_token_graph(x: torch.Tensor, layout: TokenLayout, mode: str, knn_k: in
         adj[:, :p, :] = True
         adj[:, :, :p] = True
         adj.diagonal(dim1=1, dim2=2).fill_(False)
+    if pairs is not None:
+        adj &= pairs
     b, target, source = adj.nonzero(as_tuple=True)
     offset = b * seq
     return torch.stack([source + offset, target + offset])

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import (
-    BaseTuner,
-    BaseTunerLayer,
-    _filter_state_dict_by_key_prefixes,
-    _get_tuner_state_dict_key_prefixes,
-)
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .architectures import VIT_FAMILY_TARGET_MODULES, num_prefix_tokens_from_config, patch_grid_from_config
+from ...utils.hooks import install_model_hooks
+from ...utils.loss_terms import LossContext, add_to_loss, loss_context, sample_weights, warn_once
+from ...utils.peft_internals import filter_state_dict_by_key_prefixes, tuner_state_dict_key_prefixes
+from .architectures import (
+    VIT_FAMILY_TARGET_MODULES,
+    num_prefix_tokens_from_config,
+    patch_grid_from_config,
+    patches_in_spatial_order,
+)
 from .config import GNNMoEConfig
 from .layer import _MERGE_ERROR, GNNMoELayer, Linear
-from .router import GraphRouter
+from .router import GraphRouter, LayoutSpec
+
+_ADAPTER_NAMES_ERROR = (
+    "GNN-MoE does not support adapter_names= (a different adapter per sample in one batch): the routers see whole "
+    "token sequences and their auxiliary loss is weighted per batch. Split the batch by adapter and call "
+    "model.set_adapter(name) before each part (use `with model.disable_adapter():` for the base model's rows)."
+)
 
 
 class GNNMoEModel(BaseTuner):
@@ -55,18 +66,32 @@ class GNNMoEModel(BaseTuner):
                 )
         return super()._prepare_adapter_config(peft_config, model_config)
 
-    def _token_layout(self, config: GNNMoEConfig) -> tuple[int, tuple[int, int] | None]:
-        """(special tokens before the patches, patch grid hint) from the adapter config, else the model config."""
+    def _layout_spec(self, config: GNNMoEConfig, current_key: str) -> LayoutSpec:
+        """Special tokens before the patches and the patch grid, from the adapter config, else the model config."""
         model_config = getattr(self.model, "config", None)
         if config.num_prefix_tokens is not None:
             num_prefix = config.num_prefix_tokens
         else:
             num_prefix = num_prefix_tokens_from_config(model_config) if model_config is not None else 0
-        if config.patch_grid is not None:
-            grid = tuple(config.patch_grid)
-        else:
-            grid = patch_grid_from_config(model_config) if model_config is not None else None
-        return num_prefix, grid
+        model_grid = patch_grid_from_config(model_config) if model_config is not None else None
+        if model_config is not None and not patches_in_spatial_order(model_config, current_key):
+            if "grid" in config.graph:
+                raise ValueError(
+                    f"{getattr(model_config, 'model_type', 'this model')} shuffles (and drops) the patch tokens at "
+                    f"random before {current_key}, so they have no grid layout and graph={config.graph!r} cannot "
+                    "link spatial neighbours. Use GNNMoEConfig(graph='knn')."
+                )
+            return LayoutSpec(num_prefix, None, explicit_grid=False, square_fallback=False)
+        if config.patch_grid is None:
+            return LayoutSpec(num_prefix, model_grid)
+        grid = (int(config.patch_grid[0]), int(config.patch_grid[1]))
+        if model_grid is not None and grid != model_grid and grid[0] * grid[1] == model_grid[0] * model_grid[1]:
+            raise ValueError(
+                f"GNNMoEConfig(patch_grid={list(grid)}) contradicts the model config, whose images give a "
+                f"{model_grid[0]} x {model_grid[1]} patch grid with the same number of patches. Use "
+                f"patch_grid={list(model_grid)} or None (read from the model config)."
+            )
+        return LayoutSpec(num_prefix, grid, explicit_grid=True)
 
     def _create_and_replace(
         self,
@@ -95,8 +120,7 @@ class GNNMoEModel(BaseTuner):
                 self._replace_module(parent, target_name, layer, target)
         except ValueError as err:
             raise ValueError(f"Cannot adapt {current_key}: {err}") from err
-        router = layer.gnnmoe_router_ref[adapter_name]
-        router.num_prefix_tokens, router.grid_hint = self._token_layout(config)
+        layer.gnnmoe_router_ref[adapter_name].layout_spec = self._layout_spec(config, current_key)
 
     @staticmethod
     def _sibling_router(
@@ -118,13 +142,19 @@ class GNNMoEModel(BaseTuner):
         return None
 
     def _post_injection_hook(self, model: nn.Module, config: GNNMoEConfig, adapter_name: str) -> None:
-        if not hasattr(self, "_gnnmoe_hooks"):
-            self._gnnmoe_hooks = [
-                model.register_forward_pre_hook(self._clear_routers),
-                model.register_forward_hook(self._add_aux_loss),
-            ]
+        if not getattr(self, "_gnnmoe_hooks", None):
+            self._gnnmoe_hooks = install_model_hooks(model, self._before_forward, self._after_forward)
+            self._loss_context: LossContext | None = None
+            self._last_aux_loss: torch.Tensor | None = None
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["peft-gnnmoe", "gnnmoe"])
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # PeftModel.forward / generate enter this context with the call's kwargs (LoRA handles adapter_names here)
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(_ADAPTER_NAMES_ERROR)
+        yield
 
     # --- routers and auxiliary loss -------------------------------------------------------------------------------
 
@@ -140,34 +170,73 @@ class GNNMoEModel(BaseTuner):
                     routers[f"{name}/{adapter}" if several else name] = module.gnnmoe_router[adapter]
         return routers
 
-    def _clear_routers(self, module: nn.Module, args: Any) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Read the call's labels / ``num_items_in_batch`` / attention mask; hand the mask to the routers."""
+        self._loss_context = loss_context(module, args, kwargs)
+        self._last_aux_loss = None
+        mask = self._loss_context.attention_mask
+        token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
         for router in self.active_routers().values():
-            router.clear()
+            router.start_forward(token_mask)
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        routers = list(self.active_routers().values())
+        for router in routers:
+            router.end_forward()  # drop the input kept for reuse and the mask, keep the routings
+        context, self._loss_context = self._loss_context, None
+        if output is None:  # the forward raised (the hook is always called)
+            return None
+        self._last_aux_loss = self._weighted_aux_loss(routers, context, module)
+        enabled = any(self.peft_config[a].add_aux_loss_to_output for a in self.active_adapters)
+        if not enabled or self._last_aux_loss is None:
+            return output
+        output, _ = add_to_loss(output, self._last_aux_loss)
+        return output
+
+    def _weighted_aux_loss(
+        self, routers: list[GraphRouter], context: LossContext | None, model: nn.Module
+    ) -> torch.Tensor | None:
+        """``sum_b w_b * aux_b`` over every routing of the forward, with ``w_b`` weighting sample ``b`` as the model
+        weights its loss (``peft_gnnmoe.utils.loss_terms``): gradient accumulation and several processes give the
+        same gradients as one big batch."""
+        terms: dict[int, list[torch.Tensor]] = {}
+        for router in routers:
+            for routing in router.routings:
+                terms.setdefault(routing.aux_loss.shape[0], []).append(routing.aux_loss)
+        if not terms:
+            return None
+        total = None
+        for batch_size, per_sample in terms.items():
+            summed = torch.stack(per_sample).sum(0)
+            weights = self._sample_weights(context, model, batch_size, summed.device)
+            term = (weights * summed).sum()
+            total = term if total is None else total + term
+        return total
+
+    def _sample_weights(
+        self, context: LossContext | None, model: nn.Module, batch_size: int, device: torch.device
+    ) -> torch.Tensor:
+        if context is None:
+            return torch.full((batch_size,), 1.0 / batch_size, device=device)
+        try:
+            return sample_weights(context, model, batch_size, device)
+        except ValueError as err:  # routed rows are not the samples (e.g. a Linear fed flattened tokens)
+            warn_once(
+                self,
+                f"rows{batch_size}",
+                f"GNN-MoE routed {batch_size} sequences but cannot match them to the samples ({err}); their auxiliary "
+                "loss is averaged over the sequences, which is not invariant to gradient accumulation or several "
+                "processes. Target Linear layers that see (batch, tokens, features) input.",
+            )
+            return torch.full((batch_size,), 1.0 / batch_size, device=device)
 
     def aux_loss(self) -> torch.Tensor | None:
-        """Sum over routers of the weighted load-balancing and z-losses of the last forward pass (None if none ran)."""
-        losses = [r.last_routing.aux_loss for r in self.active_routers().values() if r.last_routing is not None]
-        return torch.stack(losses).sum() if losses else None
+        """The weighted load-balancing + z-loss of the last forward pass, summed over routers (None if none ran).
 
-    def _add_aux_loss(self, module: nn.Module, args: Any, output: Any) -> Any:
-        routers = self.active_routers().values()
-        for router in routers:
-            router.clear(keep_last=True)  # drop the input kept for reuse, keep statistics
-        enabled = any(self.peft_config[a].add_aux_loss_to_output for a in self.active_adapters)
-        if not enabled:
-            return output
-        loss = output.get("loss") if isinstance(output, dict) else None
-        is_loss_tuple = isinstance(output, tuple) and output and torch.is_tensor(output[0]) and output[0].dim() == 0
-        if loss is None and is_loss_tuple:
-            loss = output[0]
-        aux = self.aux_loss()
-        if loss is None or aux is None:
-            return output
-        total = loss + aux.to(loss.dtype)
-        if isinstance(output, dict):
-            output["loss"] = total
-            return output
-        return (total, *output[1:])
+        Each sequence's losses (over its real tokens) are weighted like the model weights its own loss, see
+        ``_weighted_aux_loss``; this is the term added to ``outputs.loss`` when ``add_aux_loss_to_output=True``.
+        """
+        return getattr(self, "_last_aux_loss", None)
 
     # --- merging, unloading, loading -----------------------------------------------------------------------------
 
@@ -196,13 +265,21 @@ class GNNMoEModel(BaseTuner):
         cls, model: nn.Module, config: GNNMoEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        prefixes = tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
         missing = sorted(k for k in expected if k not in remapped)
         if missing:
             raise ValueError(
                 f"The GNN-MoE adapter checkpoint does not match the model: {len(missing)} adapter tensors are missing "
                 f"(e.g. {missing[:3]}). The adapter was saved from a different architecture or config, or the file "
                 "is incomplete; load it onto the base model it was trained on."
+            )
+        unexpected = sorted(k for k in remapped if f".{cls.prefix}" in k and k not in expected)
+        if unexpected:
+            raise ValueError(
+                f"The GNN-MoE adapter checkpoint does not match the model: {len(unexpected)} adapter tensors have no "
+                f"place in it (e.g. {unexpected[:3]}). The adapter was saved from a model with more adapted layers, "
+                "or its adapter_config.json was edited (e.g. expert_bias, target_modules); load it onto the base "
+                "model and with the config it was trained with."
             )
         return remapped

@@ -14,16 +14,31 @@ from .graph import TokenLayout, build_token_graph, infer_layout
 
 @dataclass
 class Routing:
-    """One routing decision for a batch of token sequences."""
+    """One routing decision for a batch of token sequences.
+
+    The losses are per sample (one entry per sequence, over its real tokens only), so that the tuner can weight them
+    like the model weights its own loss; ``aux_loss`` carries gradient, the others are detached.
+    """
 
     gates: torch.Tensor  # B, S, E: renormalised top-k weights, zero for unselected experts
     topk_index: torch.Tensor  # B, S, k: chosen experts, best first
-    aux_loss: torch.Tensor  # scalar: weighted load-balancing loss + z-loss (carries gradient)
-    balance_loss: torch.Tensor  # scalar, unweighted, detached
-    z_loss: torch.Tensor  # scalar, unweighted, detached
-    load: torch.Tensor  # E: share of the top-k assignments each expert received, detached
-    entropy: torch.Tensor  # scalar: mean entropy of the routing distribution, detached
+    aux_loss: torch.Tensor  # B: weighted load-balancing loss + z-loss of every sequence
+    balance_loss: torch.Tensor  # B: unweighted balance loss of every sequence
+    z_loss: torch.Tensor  # B: unweighted z-loss (mean over the sequence's real tokens)
+    load: torch.Tensor  # E: share of the top-k assignments each expert received (real tokens)
+    entropy: torch.Tensor  # scalar: mean entropy of the routing distribution (real tokens)
     layout: TokenLayout
+    valid: torch.Tensor | None = None  # B, S bool: the real tokens (None: all)
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """What the tuner knows about the token layout of the layers a router serves (from the configs)."""
+
+    num_prefix: int = 0
+    grid_hint: tuple[int, int] | None = None
+    explicit_grid: bool = False  # the hint is GNNMoEConfig.patch_grid: a mismatch is an error
+    square_fallback: bool = True  # False when the patches are in no spatial order (ViT-MAE)
 
 
 def _make_conv(kind: str, in_features: int, out_features: int, heads: int) -> nn.Module:
@@ -40,7 +55,12 @@ class GraphRouter(nn.Module):
     """GNN router: ``router_layers`` torch_geometric convolutions (GELU between), then a Linear to expert logits.
 
     Calls with the very same input tensor (e.g. the q, k and v projections of one attention block) reuse the first
-    call's routing, so layers that share a router also share one routing decision per forward pass.
+    call's routing, so layers that share a router also share one routing decision per forward pass. Calls with other
+    inputs within the same forward pass are routed anew and all of them count in the auxiliary loss.
+
+    The tuner calls ``start_forward(token_mask)`` before and ``end_forward()`` after every model call: the token mask
+    (B, S) of the call's ``attention_mask`` marks the real tokens of inputs of that shape; padding is then no graph
+    node and enters neither the losses nor the statistics.
     """
 
     def __init__(
@@ -71,33 +91,64 @@ class GraphRouter(nn.Module):
         self.graph, self.knn_k, self.prefix_mode = graph, knn_k, prefix_mode
         self.balance_loss_kind = balance_loss
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
-        # set by the tuner from the model config; not parameters
-        self.num_prefix_tokens = 0
-        self.grid_hint: tuple[int, int] | None = None
-        self.last_routing: Routing | None = None
+        self.layout_spec = LayoutSpec()  # set by the tuner from the configs; not a parameter
+        self.routings: list[Routing] = []  # every routing of the current (or last) forward pass
+        self.token_mask: torch.Tensor | None = None
         self._cache: tuple | None = None
+
+    @property
+    def last_routing(self) -> Routing | None:
+        """The last routing of the current (or last) forward pass, or None."""
+        return self.routings[-1] if self.routings else None
 
     def forward(self, tokens: torch.Tensor) -> Routing:
         """Route ``tokens`` (B, S, D); returns the cached routing when called again with the same tensor."""
-        key = (tokens, tokens._version, self.training, torch.is_grad_enabled())
-        if self._cache is not None and self._cache[0] is tokens and self._cache[1:4] == key[1:]:
-            return self._cache[-1]
+        # inference tensors have no version counter; they cannot be changed in place outside inference mode
+        version = None if tokens.is_inference() else tokens._version
+        key = (version, self.training, torch.is_grad_enabled())
+        if self._cache is not None and self._cache[0] is tokens and self._cache[1] == key:
+            return self._cache[2]
         routing = self._route(tokens)
-        self._cache = (*key, routing)
-        self.last_routing = routing
+        self._cache = (tokens, key, routing)
+        self.routings.append(routing)
         return routing
 
-    def clear(self, keep_last: bool = False) -> None:
-        """Drop the cached routing (and, unless ``keep_last``, the last routing kept for statistics)."""
+    def start_forward(self, token_mask: torch.Tensor | None = None) -> None:
+        """Forget the previous forward pass; ``token_mask`` (B, S) marks the real tokens of this one."""
         self._cache = None
-        if not keep_last:
-            self.last_routing = None
+        self.routings = []
+        self.token_mask = token_mask
+
+    def end_forward(self) -> None:
+        """Drop the input kept for reuse and the token mask; the routings stay for statistics and the loss."""
+        self._cache = None
+        self.token_mask = None
+
+    def clear(self) -> None:
+        """Forget everything about past forward passes."""
+        self.start_forward(None)
+
+    def _valid_tokens(self, batch: int, seq: int) -> torch.Tensor | None:
+        """The token mask when it describes this input (same batch and length); other inputs have no padding (e.g.
+        the image tokens of a CLIP model called with the text's attention_mask)."""
+        mask = self.token_mask
+        if mask is None or seq == 1 or tuple(mask.shape) != (batch, seq):
+            return None
+        return mask.to(device=self.head.weight.device, dtype=torch.bool)
 
     def _route(self, tokens: torch.Tensor) -> Routing:
         batch, seq, dim = tokens.shape
-        num_prefix = min(self.num_prefix_tokens, seq) if seq > 1 else 0
-        layout = infer_layout(seq, num_prefix, self.grid_hint, need_grid=(self.graph == "grid" and seq > 1))
-        edge_index = build_token_graph(tokens, layout, self.graph, self.knn_k, self.prefix_mode)
+        spec = self.layout_spec
+        layout = infer_layout(
+            seq,
+            spec.num_prefix if seq > 1 else 0,
+            spec.grid_hint,
+            need_grid=("grid" in self.graph and seq > 1),
+            explicit_grid=spec.explicit_grid,
+            square_fallback=spec.square_fallback,
+        )
+        valid = self._valid_tokens(batch, seq)
+        edge_index = build_token_graph(tokens, layout, self.graph, self.knn_k, self.prefix_mode, valid)
         h = tokens.reshape(batch * seq, dim).to(self.head.weight.dtype)
         for i, conv in enumerate(self.convs):
             if i > 0:
@@ -110,16 +161,32 @@ class GraphRouter(nn.Module):
         top_weights, topk_index = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(-1, keepdim=True).clamp_min(1e-9)
         gates = torch.zeros_like(probs).scatter(-1, topk_index, top_weights)
+        return self._losses(logits, probs, gates, topk_index, layout, valid)
 
-        mean_probs = probs.reshape(-1, self.num_experts).mean(0)
-        load = F.one_hot(topk_index, self.num_experts).reshape(-1, self.num_experts).float().mean(0)
+    def _losses(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        gates: torch.Tensor,
+        topk_index: torch.Tensor,
+        layout: TokenLayout,
+        valid: torch.Tensor | None,
+    ) -> Routing:
+        """Per-sequence balance and z-losses over the real tokens, and statistics over all real tokens."""
+        weight = torch.ones(probs.shape[:2], device=probs.device) if valid is None else valid.to(probs.dtype)
+        count = weight.sum(1).clamp_min(1.0)  # B: real tokens per sequence
+        mean_probs = (probs * weight[..., None]).sum(1) / count[:, None]  # B, E
+        assigned = F.one_hot(topk_index, self.num_experts).sum(-2).to(probs.dtype) * weight[..., None]  # B, S, E
         if self.balance_loss_kind == "switch":
-            balance = self.num_experts * (load * mean_probs).sum()
+            share = assigned.sum(1) / (count[:, None] * self.top_k)  # B, E: f_e of every sequence
+            balance = self.num_experts * (share * mean_probs).sum(-1)
         else:
-            balance = self.num_experts * (mean_probs**2).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            balance = self.num_experts * mean_probs.pow(2).sum(-1)
+        z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * weight).sum(1) / count
         aux = self.balance_loss_weight * balance + self.z_loss_weight * z_loss
-        entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
+        total = weight.sum().clamp_min(1.0)
+        load = assigned.sum((0, 1)) / (total * self.top_k)
+        entropy = (-(probs * probs.clamp_min(1e-9).log()).sum(-1) * weight).sum() / total
         return Routing(
             gates=gates,
             topk_index=topk_index.detach(),
@@ -129,4 +196,5 @@ class GraphRouter(nn.Module):
             load=load.detach(),
             entropy=entropy.detach(),
             layout=layout,
+            valid=valid,
         )
