@@ -1,0 +1,122 @@
+"""The routers' auxiliary loss under gradient accumulation and several processes: the first optimizer step's gradients
+do not depend on how the effective batch of 8 images is split (Trainer, an accelerate loop, 1 vs 2 processes)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import get_peft_model
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peft_gnnmoe import GNNMoEConfig
+
+REPO = Path(__file__).resolve().parents[3]
+WORKER = Path(__file__).with_name("ddp_gradients.py")
+
+# large aux weights, so that a wrongly weighted aux loss shows in the gradients; no randomness in the forward
+AUX_CONFIG = dict(
+    init_weights=False,
+    router_noise_std=0.0,
+    balance_loss_weight=5.0,
+    z_loss_weight=1.0,
+    modules_to_save=["classifier"],
+)
+
+
+class Images(Dataset):
+    def __init__(self, size: int = 8):
+        generator = torch.Generator().manual_seed(3)
+        self.pixels = torch.randn(size, 3, 32, 32, generator=generator)
+        self.labels = torch.randint(0, 3, (size,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+class CaptureGradients(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+def _relative_difference(grads: dict, reference: dict) -> float:
+    assert grads.keys() == reference.keys()
+    diff = torch.cat([(grads[n] - reference[n]).flatten() for n in reference]).norm()
+    return (diff / torch.cat([g.flatten() for g in reference.values()]).norm()).item()
+
+
+def _trainer_gradients(make_vit, tmp_path, accumulation: int) -> dict[str, torch.Tensor]:
+    model = get_peft_model(make_vit(seed=0), GNNMoEConfig(**AUX_CONFIG))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"k{accumulation}"),
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1e-3,
+        seed=0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
+    capture = CaptureGradients(model)
+    Trainer(model=model, args=args, train_dataset=Images(), callbacks=[capture]).train()
+    assert capture.grads is not None
+    return capture.grads
+
+
+def test_trainer_gradient_accumulation_gives_the_same_first_step_gradients(make_vit, tmp_path):
+    reference = _trainer_gradients(make_vit, tmp_path, 1)
+    assert any(g.abs().sum() > 0 for n, g in reference.items() if "gnnmoe_router" in n)
+    for accumulation in (2, 4):
+        grads = _trainer_gradients(make_vit, tmp_path, accumulation)
+        assert _relative_difference(grads, reference) <= 1e-5, accumulation
+
+
+def _accelerate_gradients(make_vit, accumulation: int) -> dict[str, torch.Tensor]:
+    model = get_peft_model(make_vit(seed=0), GNNMoEConfig(**AUX_CONFIG)).train()
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+    loader = DataLoader(Images(), batch_size=8 // accumulation, shuffle=False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            if accelerator.sync_gradients:
+                return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            optimizer.step()
+            optimizer.zero_grad()
+    raise AssertionError("the loader ended before the first optimizer step")
+
+
+def test_accelerate_accumulation_gives_the_same_gradients(make_vit):
+    reference = _accelerate_gradients(make_vit, 1)
+    for accumulation in (2, 4):
+        assert _relative_difference(_accelerate_gradients(make_vit, accumulation), reference) <= 1e-5, accumulation
+
+
+def _run_worker(tmp_path: Path, processes: int) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"grads{processes}.pt"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    command += ["--master_port", str(29500 + processes + os.getpid() % 1000), str(WORKER), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_one_and_two_processes_give_the_same_averaged_gradients(tmp_path):
+    one = _run_worker(tmp_path, 1)
+    two = _run_worker(tmp_path, 2)
+    assert _relative_difference(two, one) <= 1e-5
