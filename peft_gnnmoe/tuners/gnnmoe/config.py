@@ -10,6 +10,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from ...registration import peft_type_member
+from ...utils.model_card import loading_snippet, update_model_card, usage_section
 from .architectures import DEFAULT_SHARED_ROUTER_GROUPS
 
 GNNMOE_PEFT_TYPE = peft_type_member("GNNMOE")
@@ -244,6 +245,36 @@ class GNNMoEConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("GNNMoEConfig.layers_pattern only works together with layers_to_transform.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json``; next to saved adapter weights, also refuse pickled weights and add the
+        loading snippet (``import peft_gnnmoe`` first) to the model card.
+
+        ``PeftModel.save_pretrained`` writes the card and the weights of an adapter before calling this, so this is
+        where a pickled ``adapter_model.bin`` (``safe_serialization=False``) is caught: it is deleted again and the
+        save fails, since peft-gnnmoe loads safetensors only.
+        """
+        bin_path = os.path.join(save_directory, "adapter_model.bin")
+        safe_path = os.path.join(save_directory, "adapter_model.safetensors")
+        if os.path.exists(bin_path) and (
+            not os.path.exists(safe_path) or os.path.getmtime(bin_path) >= os.path.getmtime(safe_path)
+        ):
+            os.remove(bin_path)
+            raise ValueError(
+                "GNN-MoE adapters are saved as safetensors only: save_pretrained(safe_serialization=False) wrote a "
+                "pickled adapter_model.bin (removed again), which peft-gnnmoe refuses to load because unpickling "
+                "can run arbitrary code. Save with safe_serialization=True (the default)."
+            )
+        super().save_pretrained(save_directory, **kwargs)
+        if os.path.exists(safe_path):
+            mapping = kwargs.get("auto_mapping_dict") or self.auto_mapping or {}
+            snippet = loading_snippet(
+                "GNNMOE",
+                self.base_model_name_or_path,
+                base_model_class=mapping.get("base_model_class"),
+                parent_library=mapping.get("parent_library"),
+            )
+            update_model_card(save_directory, usage_section("Loading this GNN-MoE adapter", "GNNMOE", snippet))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

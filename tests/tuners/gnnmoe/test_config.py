@@ -44,6 +44,39 @@ def test_invalid_config_fields_fail_at_construction(kwargs, message):
         GNNMoEConfig(**kwargs)
 
 
+_FLOAT_FIELDS = [
+    "router_dropout",
+    "router_noise_std",
+    "router_temperature",
+    "balance_loss_weight",
+    "z_loss_weight",
+    "expert_dropout",
+]
+
+
+@pytest.mark.parametrize("name", _FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "0.1", None])
+def test_float_fields_must_be_finite_numbers(name, value):
+    with pytest.raises(ValueError, match=f"GNNMoEConfig.{name} must be a finite number"):
+        GNNMoEConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["add_aux_loss_to_output", "expert_bias", "init_weights", "inference_mode"])
+@pytest.mark.parametrize("value", ["gaussian", 1, 0, None, "True"])
+def test_bool_fields_must_be_bool(name, value):
+    with pytest.raises(ValueError, match=f"GNNMoEConfig.{name} must be True or False"):
+        GNNMoEConfig(**{name: value})
+
+
+def test_the_issue_examples_name_the_field():
+    with pytest.raises(ValueError, match="balance_loss_weight must be a finite number, got nan"):
+        GNNMoEConfig(balance_loss_weight=float("nan"))
+    with pytest.raises(ValueError, match="router_noise_std must be a finite number, got inf"):
+        GNNMoEConfig(router_noise_std=float("inf"))
+    with pytest.raises(ValueError, match="init_weights must be True or False, got 'gaussian'"):
+        GNNMoEConfig(init_weights="gaussian")
+
+
 def test_valid_config_round_trips_through_json(tmp_path):
     cfg = GNNMoEConfig(router="sage", num_experts=6, top_k=6, patch_grid=[4, 4], target_modules=["q_proj", "fc1"])
     cfg.save_pretrained(tmp_path)
