@@ -102,7 +102,9 @@ def two_processes(tmp: str) -> dict[str, torch.Tensor]:
     command += [os.path.abspath(__file__), "--worker", out]
     # the workers must import the same peft_gnnmoe as this process
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(peft_gnnmoe.__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])
+    )
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])

@@ -190,7 +190,16 @@ class GNNMoEModel(BaseTuner):
         enabled = any(self.peft_config[a].add_aux_loss_to_output for a in self.active_adapters)
         if not enabled or self._last_aux_loss is None:
             return output
-        output, _ = add_to_loss(output, self._last_aux_loss)
+        output, added = add_to_loss(output, self._last_aux_loss)
+        if not added and module.training and torch.is_grad_enabled():
+            warn_once(
+                self,
+                "no-loss",
+                "The model output carries no loss (no labels, or labels popped by e.g. Trainer's label smoothing or "
+                "compute_loss_func), so the GNN-MoE routers' auxiliary loss was not added and the routers train "
+                "without load balancing. Add peft_gnnmoe.get_aux_loss(model) to your loss, or set "
+                "GNNMoEConfig(add_aux_loss_to_output=False) when you do so on purpose.",
+            )
         return output
 
     def _weighted_aux_loss(

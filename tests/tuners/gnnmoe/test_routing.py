@@ -2,6 +2,7 @@
 the auxiliary losses against a hand computation."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -83,3 +84,13 @@ def test_balance_and_z_loss_match_a_hand_computation(kind, balance, make_vit, im
         assert values["balance_loss"] == pytest.approx(balance, rel=1e-6)
         assert values["z_loss"] == pytest.approx(z_loss, rel=1e-6)
     assert get_aux_loss(model).item() == pytest.approx(2 * (0.5 * balance + 0.1 * z_loss), rel=1e-6)
+
+
+def test_training_without_a_loss_in_the_output_warns_once(make_vit, images):
+    model = get_peft_model(make_vit(), GNNMoEConfig()).train()
+    with pytest.warns(UserWarning, match="auxiliary loss was not added"):
+        model(pixel_values=images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(pixel_values=images)  # once per model
+        model.eval()(pixel_values=images)
