@@ -134,12 +134,11 @@ class Linear(nn.Module, GNNMoELayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         raise NotImplementedError(_MERGE_ERROR)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
-        active = [a for a in self.active_adapters if a in self.gnnmoe_left]
-        if not active:
             return result
         if x.dim() == 2:
             tokens = x.unsqueeze(1)  # B, 1, D: every row its own one-node graph
@@ -150,19 +149,42 @@ class Linear(nn.Module, GNNMoELayer):
                 f"GNN-MoE layers take (batch, tokens, features) or (batch, features) input, got shape "
                 f"{tuple(x.shape)}. Target Linear layers that see token sequences."
             )
-        for adapter in active:
-            left = self.gnnmoe_left[adapter]
-            routing = self.gnnmoe_router_ref[adapter](tokens)
-            expert_in = self.gnnmoe_dropout[adapter](tokens.to(left.dtype))
-            delta = kron_moe_forward(
-                expert_in,
-                routing.gates,
-                self.gnnmoe_rules[adapter],
-                left,
-                self.gnnmoe_right[adapter],
-                self.gnnmoe_bias[adapter] if adapter in self.gnnmoe_bias else None,
+        if adapter_names is not None:
+            return self._mixed_batch_forward(tokens, result, adapter_names)
+        for adapter in self.active_adapters:
+            if adapter in self.gnnmoe_left:
+                result = result + self._delta(adapter, tokens).reshape(result.shape).to(result.dtype)
+        return result
+
+    def _delta(self, adapter: str, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts' update of ``adapter`` for ``tokens`` (or only its ``rows``), routed by its router."""
+        left = self.gnnmoe_left[adapter]
+        routing = self.gnnmoe_router_ref[adapter](tokens, rows)
+        selected = tokens if rows is None else tokens[rows]
+        return kron_moe_forward(
+            self.gnnmoe_dropout[adapter](selected.to(left.dtype)),
+            routing.gates,
+            self.gnnmoe_rules[adapter],
+            left,
+            self.gnnmoe_right[adapter],
+            self.gnnmoe_bias[adapter] if adapter in self.gnnmoe_bias else None,
+        )
+
+    def _mixed_batch_forward(
+        self, tokens: torch.Tensor, result: torch.Tensor, adapter_names: list[str]
+    ) -> torch.Tensor:
+        """Every sample through the adapter named for it (``"__base__"``: none), routed by that adapter's router."""
+        if len(adapter_names) != tokens.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {tokens.shape[0]}: pass one adapter "
+                "name (or '__base__') per sample."
             )
-            result = result + delta.reshape(result.shape).to(result.dtype)
+        for adapter in sorted(set(adapter_names)):
+            if adapter not in self.gnnmoe_left:  # "__base__", or an adapter that does not adapt this layer
+                continue
+            rows = torch.tensor([i for i, name in enumerate(adapter_names) if name == adapter], device=tokens.device)
+            delta = self._delta(adapter, tokens, rows).reshape(result[rows].shape).to(result.dtype)
+            result = result.index_add(0, rows, delta)
         return result
 
     def __repr__(self) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ...utils.hooks import install_model_hooks
@@ -23,12 +25,6 @@ from .architectures import (
 from .config import GNNMoEConfig
 from .layer import _MERGE_ERROR, GNNMoELayer, Linear
 from .router import GraphRouter, LayoutSpec
-
-_ADAPTER_NAMES_ERROR = (
-    "GNN-MoE does not support adapter_names= (a different adapter per sample in one batch): the routers see whole "
-    "token sequences and their auxiliary loss is weighted per batch. Split the batch by adapter and call "
-    "model.set_adapter(name) before each part (use `with model.disable_adapter():` for the base model's rows)."
-)
 
 
 class GNNMoEModel(BaseTuner):
@@ -151,24 +147,60 @@ class GNNMoEModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        # PeftModel.forward / generate enter this context with the call's kwargs (LoRA handles adapter_names here)
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError(_ADAPTER_NAMES_ERROR)
-        yield
+        """Mixed-adapter batches as in LoRA: ``model(..., adapter_names=[...])`` sends every sample through the
+        adapter named for it (``"__base__"``: the base model), routed by that adapter's routers; inference only.
+
+        PeftModel.forward / generate enter this context with the call's kwargs; for its duration every GNN-MoE layer
+        and every ``modules_to_save`` wrapper gets ``adapter_names`` through a forward pre-hook.
+        """
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "Cannot pass adapter_names (a mixed-adapter batch) in training mode: call model.eval() first, or "
+                "train one adapter at a time with set_adapter(name)."
+            )
+        known = set(self.peft_config)
+        unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; known: {sorted(known)} and '__base__'.")
+        names = list(adapter_names)
+        handles = [
+            module.register_forward_pre_hook(partial(_inject_adapter_names, adapter_names=names), with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (GNNMoELayer, AuxiliaryTrainingWrapper))
+        ]
+        self._mixed_adapters = sorted(set(names) - {"__base__"})
+        try:
+            yield
+        finally:
+            self._mixed_adapters = None
+            for handle in handles:
+                handle.remove()
 
     # --- routers and auxiliary loss -------------------------------------------------------------------------------
 
-    def active_routers(self) -> dict[str, GraphRouter]:
-        """Routers of the active adapter(s), keyed by the owning layer's name (plus ``/adapter`` when several)."""
+    def _routers(self, adapters: list[str]) -> dict[str, GraphRouter]:
         routers = {}
-        several = len(self.active_adapters) > 1
+        several = len(adapters) > 1
         for name, module in self.model.named_modules():
             if not isinstance(module, GNNMoELayer):
                 continue
-            for adapter in self.active_adapters:
+            for adapter in adapters:
                 if module.owns_router(adapter):
                     routers[f"{name}/{adapter}" if several else name] = module.gnnmoe_router[adapter]
         return routers
+
+    def active_routers(self) -> dict[str, GraphRouter]:
+        """Routers of the active adapter(s), keyed by the owning layer's name (plus ``/adapter`` when several)."""
+        return self._routers(list(self.active_adapters))
+
+    def _forward_routers(self) -> list[GraphRouter]:
+        """The routers that route this forward pass: the active adapters', or those named in ``adapter_names``."""
+        mixed = getattr(self, "_mixed_adapters", None)
+        return list(self._routers(mixed if mixed is not None else list(self.active_adapters)).values())
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Read the call's labels / ``num_items_in_batch`` / attention mask; hand the mask to the routers."""
@@ -176,18 +208,21 @@ class GNNMoEModel(BaseTuner):
         self._last_aux_loss = None
         mask = self._loss_context.attention_mask
         token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
-        for router in self.active_routers().values():
+        for router in self._routers(list(self.peft_config)).values():
+            router.start_forward(None)  # no adapter keeps routings of an earlier call
+        for router in self._forward_routers():
             router.start_forward(token_mask)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        routers = list(self.active_routers().values())
+        routers = self._forward_routers()
         for router in routers:
             router.end_forward()  # drop the input kept for reuse and the mask, keep the routings
         context, self._loss_context = self._loss_context, None
         if output is None:  # the forward raised (the hook is always called)
             return None
         self._last_aux_loss = self._weighted_aux_loss(routers, context, module)
-        enabled = any(self.peft_config[a].add_aux_loss_to_output for a in self.active_adapters)
+        adapters = getattr(self, "_mixed_adapters", None) or self.active_adapters
+        enabled = any(self.peft_config[a].add_aux_loss_to_output for a in adapters)
         if not enabled or self._last_aux_loss is None:
             return output
         output, added = add_to_loss(output, self._last_aux_loss)
@@ -211,7 +246,10 @@ class GNNMoEModel(BaseTuner):
         terms: dict[int, list[torch.Tensor]] = {}
         for router in routers:
             for routing in router.routings:
-                terms.setdefault(routing.aux_loss.shape[0], []).append(routing.aux_loss)
+                aux = routing.aux_loss
+                if routing.rows is not None:  # a mixed-adapter batch: this adapter's samples only
+                    aux = aux.new_zeros(routing.batch_size).index_add(0, routing.rows.to(aux.device), aux)
+                terms.setdefault(aux.shape[0], []).append(aux)
         if not terms:
             return None
         total = None
@@ -292,3 +330,8 @@ class GNNMoEModel(BaseTuner):
                 "model and with the config it was trained with."
             )
         return remapped
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs

@@ -29,6 +29,8 @@ class Routing:
     entropy: torch.Tensor  # scalar: mean entropy of the routing distribution (real tokens)
     layout: TokenLayout
     valid: torch.Tensor | None = None  # B, S bool: the real tokens (None: all)
+    rows: torch.Tensor | None = None  # B: the samples of the model's batch routed here (mixed-adapter batches)
+    batch_size: int = 0  # samples in the model's batch (B unless ``rows`` is set)
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,15 @@ class GraphRouter(nn.Module):
         """The last routing of the current (or last) forward pass, or None."""
         return self.routings[-1] if self.routings else None
 
-    def forward(self, tokens: torch.Tensor) -> Routing:
-        """Route ``tokens`` (B, S, D); returns the cached routing when called again with the same tensor."""
+    def forward(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> Routing:
+        """Route ``tokens`` (B, S, D), or only the samples ``rows`` of them (mixed-adapter batches); returns the cached
+        routing when called again with the same tensor and rows."""
         # inference tensors have no version counter; they cannot be changed in place outside inference mode
         version = None if tokens.is_inference() else tokens._version
-        key = (version, self.training, torch.is_grad_enabled())
+        key = (version, self.training, torch.is_grad_enabled(), None if rows is None else tuple(rows.tolist()))
         if self._cache is not None and self._cache[0] is tokens and self._cache[1] == key:
             return self._cache[2]
-        routing = self._route(tokens)
+        routing = self._route(tokens, rows)
         self._cache = (tokens, key, routing)
         self.routings.append(routing)
         return routing
@@ -128,15 +131,20 @@ class GraphRouter(nn.Module):
         """Forget everything about past forward passes."""
         self.start_forward(None)
 
-    def _valid_tokens(self, batch: int, seq: int) -> torch.Tensor | None:
+    def _valid_tokens(self, batch: int, seq: int, rows: torch.Tensor | None) -> torch.Tensor | None:
         """The token mask when it describes this input (same batch and length); other inputs have no padding (e.g.
         the image tokens of a CLIP model called with the text's attention_mask)."""
         mask = self.token_mask
         if mask is None or seq == 1 or tuple(mask.shape) != (batch, seq):
             return None
-        return mask.to(device=self.head.weight.device, dtype=torch.bool)
+        mask = mask.to(device=self.head.weight.device, dtype=torch.bool)
+        return mask if rows is None else mask[rows.to(mask.device)]
 
-    def _route(self, tokens: torch.Tensor) -> Routing:
+    def _route(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> Routing:
+        valid = self._valid_tokens(tokens.shape[0], tokens.shape[1], rows)
+        full_batch = tokens.shape[0]
+        if rows is not None:
+            tokens = tokens[rows]
         batch, seq, dim = tokens.shape
         spec = self.layout_spec
         layout = infer_layout(
@@ -147,7 +155,6 @@ class GraphRouter(nn.Module):
             explicit_grid=spec.explicit_grid,
             square_fallback=spec.square_fallback,
         )
-        valid = self._valid_tokens(batch, seq)
         edge_index = build_token_graph(tokens, layout, self.graph, self.knn_k, self.prefix_mode, valid)
         h = tokens.reshape(batch * seq, dim).to(self.head.weight.dtype)
         for i, conv in enumerate(self.convs):
@@ -161,7 +168,9 @@ class GraphRouter(nn.Module):
         top_weights, topk_index = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(-1, keepdim=True).clamp_min(1e-9)
         gates = torch.zeros_like(probs).scatter(-1, topk_index, top_weights)
-        return self._losses(logits, probs, gates, topk_index, layout, valid)
+        routing = self._losses(logits, probs, gates, topk_index, layout, valid)
+        routing.rows, routing.batch_size = rows, full_batch
+        return routing
 
     def _losses(
         self,

@@ -18,7 +18,7 @@ def test_inference_mode_works_and_equals_no_grad(make_vit, images):
     router = model.base_model.model.vit.layers[0].attention.q_proj.gnnmoe_router["default"]
     routings = []
     original_route = router._route
-    router._route = lambda tokens: routings.append(1) or original_route(tokens)
+    router._route = lambda *args: routings.append(1) or original_route(*args)
     with torch.inference_mode():
         got = model(pixel_values=images).logits
     assert len(routings) == 1  # q, k and v still share one routing decision
@@ -29,10 +29,51 @@ def test_inference_mode_works_and_equals_no_grad(make_vit, images):
     model(pixel_values=images).logits.sum().backward()  # training after inference mode, with the cached grid
 
 
-def test_mixed_adapter_batches_are_refused_clearly(make_vit, images):
-    model = get_peft_model(make_vit(), GNNMoEConfig())
-    model.add_adapter("other", GNNMoEConfig())
-    with pytest.raises(ValueError, match=r"does not support adapter_names=.*set_adapter"):
+def _two_adapters(make_vit):
+    model = get_peft_model(make_vit(), GNNMoEConfig(init_weights=False, modules_to_save=["classifier"]))
+    model.add_adapter("other", GNNMoEConfig(init_weights=False, router="gat", modules_to_save=["classifier"]))
+    with torch.no_grad():  # give the second adapter's classifier copy other weights
+        model.base_model.model.classifier.modules_to_save["other"].weight.mul_(-2.0)
+    return model.eval()
+
+
+def _alone(model, adapter, images):
+    with torch.no_grad():
+        if adapter == "__base__":
+            with model.disable_adapter():
+                return model(pixel_values=images).logits, None
+        model.set_adapter(adapter)
+        return model(pixel_values=images).logits, get_aux_loss(model)
+
+
+def test_mixed_adapter_batches_route_every_sample_by_its_own_adapter(make_vit):
+    model = _two_adapters(make_vit)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    names = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        mixed = model(pixel_values=images, adapter_names=names).logits
+    mixed_aux = get_aux_loss(model)
+    aux_sum = 0.0
+    for row, name in enumerate(names):
+        expected, aux = _alone(model, name, images[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], expected, msg=name)
+        aux_sum = aux_sum + (0.0 if aux is None else aux)
+    assert not torch.allclose(mixed[0], mixed[1])  # the adapters differ, so the check above means something
+    # each sample's aux loss comes from its own adapter's routers and weighs 1/B; "__base__" rows add nothing
+    torch.testing.assert_close(mixed_aux, aux_sum / len(names))
+    model.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=images).logits[1], mixed[1])  # no hook left behind
+
+
+def test_mixed_adapter_batches_refuse_training_unknown_names_and_wrong_lengths(make_vit, images):
+    model = _two_adapters(make_vit)
+    with pytest.raises(ValueError, match="unknown adapters \\['typo'\\]"):
+        model(pixel_values=images, adapter_names=["default", "typo"])
+    with pytest.raises(ValueError, match="adapter_names has 3 entries for a batch of 2"):
+        model(pixel_values=images, adapter_names=["default", "other", "other"])
+    model.train()
+    with pytest.raises(ValueError, match="in training mode"):
         model(pixel_values=images, adapter_names=["default", "other"])
 
 
