@@ -80,7 +80,7 @@ class Sweep:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.methods = methods.expand_methods(args.method, args.router)
+        self.method_names = methods.expand_methods(args.method, args.router)
         trackers = "tensorboard" if args.report_to == "tensorboard" and _has_tensorboard() else None
         # GNN-MoE's top-k routing often leaves an expert without tokens in a step. Its experts are stacked in one
         # Parameter per layer, so every parameter still takes part in backward and DDP needs no
@@ -151,7 +151,7 @@ class Sweep:
     def run(self) -> dict:
         args, results = self.args, []
         start = time.time()
-        jobs = [(t, e, m) for t in args.trial_seeds for e in self.test_envs for m in self.methods]
+        jobs = [(t, e, m) for t in args.trial_seeds for e in self.test_envs for m in self.method_names]
         bar = tqdm(jobs, desc="runs", disable=not self.acc.is_local_main_process)
         for trial, test_env, method in bar:
             bar.set_postfix(method=method, held_out=self.domain_names[test_env], trial=trial)
@@ -162,7 +162,7 @@ class Sweep:
                 args.output_dir,
                 results,
                 self.domain_names,
-                self.methods,
+                self.method_names,
                 protocol={
                     "dataset": args.dataset,
                     "backbone": args.backbone,
