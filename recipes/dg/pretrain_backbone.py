@@ -133,9 +133,11 @@ class Contours:
 
 def main(argv: list[str] | None = None) -> None:
     """Pretrains the backbone and saves it to ``--output_dir``."""
-    from transformers import ViTImageProcessor  # imported here: it warns when torchvision is missing
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m recipes.dg.pretrain_backbone",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output_dir", default=BACKBONE_DIR)
     p.add_argument("--fashion_dir", default=FASHION_DIR, help="folder with Fashion-MNIST's four *-ubyte.gz files")
     p.add_argument("--image_size", type=int, default=28)
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     model.vit.config.architectures = ["ViTModel"]
     model.vit.config.id2label, model.vit.config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
     model.vit.save_pretrained(args.output_dir, safe_serialization=True)
+    from transformers import ViTImageProcessor  # imported here: it warns when torchvision is missing
+
     ViTImageProcessor(
         size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     ).save_pretrained(args.output_dir)
