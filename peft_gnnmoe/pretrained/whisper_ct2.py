@@ -56,6 +56,14 @@ def _ct2_config(ct2_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _ct2_vocabulary(ct2_dir: Path) -> list[str] | None:
+    if (ct2_dir / "vocabulary.json").is_file():
+        return json.loads((ct2_dir / "vocabulary.json").read_text(encoding="utf-8"))
+    if (ct2_dir / "vocabulary.txt").is_file():
+        return (ct2_dir / "vocabulary.txt").read_text(encoding="utf-8").rstrip("\n").split("\n")
+    return None
+
+
 def _write_tokenizer_and_processor(ct2_dir: Path, out_dir: Path, vocab_size: int, num_mel_bins: int) -> None:
     from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
 
@@ -63,13 +71,14 @@ def _write_tokenizer_and_processor(ct2_dir: Path, out_dir: Path, vocab_size: int
     tokenizer = WhisperTokenizer(
         tokenizer_file=str(ct2_dir / "tokenizer.json"), bos_token=eot, eos_token=eot, unk_token=eot, pad_token=eot
     )
-    # CTranslate2's vocabulary.txt lists the timestamp tokens <|0.00|> ... after the tokenizer's own entries.
-    vocabulary = ct2_dir / "vocabulary.txt"
-    if vocabulary.is_file():
-        tokens = vocabulary.read_text(encoding="utf-8").split("\n")[:vocab_size]
+    # CTranslate2's vocabulary (.json list or .txt lines) has the timestamp tokens <|0.00|> ... after the tokenizer's.
+    tokens = _ct2_vocabulary(ct2_dir)
+    if tokens is not None:
+        if len(tokens) != vocab_size:
+            raise ValueError(f"{ct2_dir}'s vocabulary has {len(tokens)} tokens, the model {vocab_size}.")
         tokenizer.add_tokens(tokens[len(tokenizer) :], special_tokens=False)
         if tokenizer.convert_ids_to_tokens(vocab_size - 1) != tokens[-1]:
-            raise ValueError(f"{vocabulary} does not line up with tokenizer.json's ids.")
+            raise ValueError(f"{ct2_dir}'s vocabulary does not line up with tokenizer.json's ids.")
     if len(tokenizer) > vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}.")
     extractor = WhisperFeatureExtractor(feature_size=num_mel_bins)
@@ -82,7 +91,7 @@ def _generation_config(ct2_dir: Path, config) -> dict:
     ct2_config = _ct2_config(ct2_dir)
     no_timestamps = _require(ids, "<|notimestamps|>", source)
     return {
-        "alignment_heads": ct2_config.get("alignment_heads", []),
+        "alignment_heads": ct2_config.get("alignment_heads") or [],
         "begin_suppress_tokens": config.begin_suppress_tokens,
         "bos_token_id": config.bos_token_id,
         "decoder_start_token_id": config.decoder_start_token_id,
@@ -137,8 +146,8 @@ def convert_whisper_ct2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
         decoder_start_token_id=sot,
         eos_token_id=eot,
         pad_token_id=eot,
-        suppress_tokens=ct2_config.get("suppress_ids", []),
-        begin_suppress_tokens=ct2_config.get("suppress_ids_begin", [220, eot]),
+        suppress_tokens=ct2_config.get("suppress_ids") or [],
+        begin_suppress_tokens=ct2_config.get("suppress_ids_begin") or [220, eot],
         architectures=["WhisperForConditionalGeneration"],
     )
     with torch.device("meta"):

@@ -159,6 +159,9 @@ def map_whisper_tensors(model: CT2Model) -> tuple[dict[str, torch.Tensor], dict]
     take.scalar("decoder/pre_norm", 1)
     take.scalar("decoder/scale_embeddings", 0)
     take.scalar("decoder/alibi", 0)
+    for flag in ("decoder/alibi_use_positive_positions", "decoder/scale_alibi"):  # newer writers; inert without ALiBi
+        if flag in take.remaining:
+            take.scalar(flag)
     take.scalar("decoder/start_from_zero_embedding", 0)
     # Used by CTranslate2 only for word timestamps (transformers reads alignment heads from generation_config.json).
     take.scalar("decoder/alignment_heads")
