@@ -32,10 +32,12 @@ __all__ = [
     "is_ctranslate2_dir",
     "map_whisper_tensors",
     "read_ct2_model",
+    "resolve_whisper",
     "whisper_tiny_en_path",
 ]
 
 TINY_EN_CACHE_NAME = "whisper-tiny.en-ct2"
+TINY_EN_PRESET = "whisper-tiny.en"  # the name a recipe flag accepts for the bundled, converted tiny.en
 MARKER_FILE = "ct2_conversion.json"
 ENGLISH_ONLY_VOCAB_SIZE = 51864  # multilingual Whisper vocabularies have 51865 entries or more
 
@@ -215,6 +217,23 @@ def whisper_tiny_en_path(out_dir: str | Path | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def resolve_whisper(name_or_path: str | Path) -> str:
+    """What to pass to ``from_pretrained`` for a Whisper name or path.
+
+    The preset ``"whisper-tiny.en"`` becomes the converted cache folder (made on first use); a Hub id or a
+    transformers folder is returned unchanged; a CTranslate2 folder raises, naming the fix.
+    """
+    if str(name_or_path) == TINY_EN_PRESET:
+        return str(whisper_tiny_en_path())
+    if is_ctranslate2_dir(name_or_path):
+        raise ValueError(
+            f"{name_or_path} is a CTranslate2 model folder, not a transformers one: pass the preset "
+            f"{TINY_EN_PRESET!r}, or convert it with `python -m peft_gnnmoe.pretrained.whisper_ct2` / "
+            "peft_gnnmoe.pretrained.whisper_ct2.convert_whisper_ct2(ct2_dir, out_dir) and pass out_dir."
+        )
+    return str(name_or_path)
 
 
 def _iter_tensor_lines(folder: Path) -> Iterator[str]:

@@ -27,6 +27,7 @@ from peft_gnnmoe.pretrained.whisper_ct2 import (  # noqa: E402
     bundled_tiny_en_dir,
     convert_whisper_ct2,
     main,
+    resolve_whisper,
     whisper_tiny_en_path,
 )
 from peft_gnnmoe.pretrained.whisper_ct2_tensors import map_whisper_tensors  # noqa: E402
@@ -326,3 +327,22 @@ def test_convert_refuses_a_transformers_folder(converted, tmp_path):
 def test_cli_prints_the_folder(converted, capsys):
     main(["--out", str(converted)])
     assert capsys.readouterr().out.strip() == str(converted)
+
+
+def test_preset_resolves_to_the_converted_folder(converted, cache_root, monkeypatch):
+    monkeypatch.setenv("PEFT_GNNMOE_CACHE", str(cache_root))
+    assert resolve_whisper("whisper-tiny.en") == str(converted)
+
+
+def test_preset_loads_through_from_pretrained(converted, cache_root, monkeypatch):
+    monkeypatch.setenv("PEFT_GNNMOE_CACHE", str(cache_root))
+    assert WhisperModel.from_pretrained(resolve_whisper("whisper-tiny.en")).config.d_model == 384
+
+
+def test_hub_id_passes_through_unchanged():
+    assert resolve_whisper("openai/whisper-tiny.en") == "openai/whisper-tiny.en"
+
+
+def test_ctranslate2_folder_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="whisper-tiny.en"):
+        resolve_whisper(bundled_tiny_en_dir())
