@@ -87,13 +87,12 @@ def _write_tokenizer_and_processor(ct2_dir: Path, out_dir: Path, vocab_size: int
     WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out_dir)
 
 
-def _generation_config(ct2_dir: Path, config) -> dict:
-    ids = _special_ids(ct2_dir / "tokenizer.json")
+def _generation_config(ct2_dir: Path, config, ids: dict[str, int]) -> dict:
+    """Generation settings of an English-only Whisper: prompt <|startoftranscript|><|notimestamps|>, greedy."""
     source = ct2_dir / "tokenizer.json"
-    ct2_config = _ct2_config(ct2_dir)
     no_timestamps = _require(ids, "<|notimestamps|>", source)
     return {
-        "alignment_heads": ct2_config.get("alignment_heads") or [],
+        "alignment_heads": _ct2_config(ct2_dir).get("alignment_heads") or [],
         "begin_suppress_tokens": config.begin_suppress_tokens,
         "bos_token_id": config.bos_token_id,
         "decoder_start_token_id": config.decoder_start_token_id,
@@ -161,7 +160,7 @@ def convert_whisper_ct2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ValueError(f"tensor names do not match WhisperForConditionalGeneration: {missing=} {unexpected=}")
     model.load_state_dict(state_dict, strict=True, assign=True)
-    model.generation_config = GenerationConfig(**_generation_config(ct2_dir, config))
+    model.generation_config = GenerationConfig(**_generation_config(ct2_dir, config, ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     _write_tokenizer_and_processor(ct2_dir, out_dir, config.vocab_size, config.num_mel_bins)
@@ -210,9 +209,17 @@ def whisper_tiny_en_path(out_dir: str | Path | None = None) -> Path:
         marker = {"source": str(source), "source_sha256": source_hash, "seconds": time.perf_counter() - start}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp makes it private; the final folder is an ordinary cache folder
+        if _is_complete(target, source_hash):  # another process (e.g. a second rank) finished first: keep its copy
+            shutil.rmtree(staging)
+            return target
         if target.exists():  # stale or partial: replace it
             shutil.rmtree(target)
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not _is_complete(target, source_hash):
+                raise
+            shutil.rmtree(staging)  # lost the race to another process between the check and the rename
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -346,3 +346,32 @@ def test_hub_id_passes_through_unchanged():
 def test_ctranslate2_folder_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="whisper-tiny.en"):
         resolve_whisper(bundled_tiny_en_dir())
+
+
+@pytest.fixture(scope="module")
+def raced(converted, tmp_path_factory):
+    """A conversion during which another process renames its complete copy into place first."""
+    import shutil
+
+    from peft_gnnmoe.pretrained import whisper_ct2
+
+    root = tmp_path_factory.mktemp("raced")
+    target = root / "whisper"
+
+    def convert_while_another_rank_finishes(ct2_dir, out_dir):
+        folder = convert_whisper_ct2(ct2_dir, out_dir)  # the real conversion
+        shutil.copytree(converted, target)  # stands in for the other process's rename
+        return folder
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(whisper_ct2, "convert_whisper_ct2", convert_while_another_rank_finishes)
+        whisper_ct2.whisper_tiny_en_path(target)
+    return root, target
+
+
+def test_a_copy_finished_meanwhile_by_another_process_is_kept(converted, raced):
+    assert (raced[1] / MARKER_FILE).read_text() == (converted / MARKER_FILE).read_text()
+
+
+def test_the_losing_process_leaves_no_temporary_folder(raced):
+    assert [p.name for p in raced[0].iterdir()] == ["whisper"]
