@@ -100,7 +100,9 @@ class GNNMoEConfig(PeftConfig):
         default="knn+grid",
         metadata={
             "help": "Token graph: 'knn' links each patch to its k most cosine-similar patches (layer input "
-            "features), 'grid' to its 4 spatial neighbours on the patch grid, 'knn+grid' unites both."
+            "features), 'grid' to its 4 spatial neighbours on the patch grid, 'knn+grid' unites both. The grid "
+            "modes raise an error when the tokens fit no patch grid (text, ViT-MAE's shuffled patches): use 'knn'. "
+            "Padding (the model call's attention_mask) is never part of the graph."
         },
     )
     knn_k: int = field(default=8, metadata={"help": "Neighbours per patch of the kNN graph."})
