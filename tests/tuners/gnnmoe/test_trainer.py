@@ -85,6 +85,55 @@ def test_trainer_gradient_accumulation_gives_the_same_first_step_gradients(make_
         assert _relative_difference(grads, reference) <= 1e-5, accumulation
 
 
+class PaddedText(Dataset):
+    """8 right-padded sequences of different lengths: samples carry different numbers of label tokens."""
+
+    def __init__(self, pad: int, vocab: int, length: int = 10):
+        generator = torch.Generator().manual_seed(4)
+        self.rows = []
+        for n in (10, 3, 7, 5, 9, 4, 6, 8):
+            ids = torch.full((length,), pad)
+            ids[:n] = torch.randint(3, vocab, (n,), generator=generator)
+            mask = (torch.arange(length) < n).long()
+            self.rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def _lm_trainer_gradients(make_lm, lm_tokens, tmp_path, accumulation: int) -> dict[str, torch.Tensor]:
+    config = dict(AUX_CONFIG, target_modules=["q_proj", "k_proj", "v_proj"], graph="knn", knn_k=3)
+    config.pop("modules_to_save")
+    model = get_peft_model(make_lm("llama", seed=0), GNNMoEConfig(**config))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"lm{accumulation}"),
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        seed=0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    capture = CaptureGradients(model)
+    dataset = PaddedText(lm_tokens["pad"], lm_tokens["vocab"])
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[capture]).train()
+    return capture.grads
+
+
+def test_trainer_accumulation_on_padded_text_with_unequal_label_counts(make_lm, lm_tokens, tmp_path):
+    reference = _lm_trainer_gradients(make_lm, lm_tokens, tmp_path, 1)
+    for accumulation in (2, 4):
+        grads = _lm_trainer_gradients(make_lm, lm_tokens, tmp_path, accumulation)
+        assert _relative_difference(grads, reference) <= 1e-5, accumulation
+
+
 def _accelerate_gradients(make_vit, accumulation: int) -> dict[str, torch.Tensor]:
     model = get_peft_model(make_vit(seed=0), GNNMoEConfig(**AUX_CONFIG)).train()
     accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
