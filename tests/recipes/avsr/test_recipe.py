@@ -70,14 +70,36 @@ def test_resume_continues_exactly(tmp_path):
     assert (out / "asr" / "checkpoints" / "step_4" / "trainer_state.json").is_file()
     assert not list((out / "asr" / "checkpoints" / "step_4").glob("model*.safetensors"))  # no frozen weights saved
 
-    main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2")])
+    main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2"), "--checkpoints_total_limit", "1"])
     resumed = _final_weights(out / "asr")
+    assert [p.name for p in (out / "asr" / "checkpoints").iterdir()] == ["step_6"]  # the limit; no partial folder
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
     resumed_log = json.loads((out / "asr" / "train_log.json").read_text())
     assert [h["step"] for h in resumed_log] == [1, 2, 3, 4, 5, 6]
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(log, resumed_log))  # same losses after the resume
+
+    main(common + ["--resume", "latest"])  # step_6: nothing left to train, the same final weights again
+    latest = _final_weights(out / "asr")
+    for key in straight:
+        assert torch.equal(latest[key], resumed[key]), key
+    assert [h["step"] for h in json.loads((out / "asr" / "train_log.json").read_text())] == [1, 2, 3, 4, 5, 6]
+
+
+def _count_accelerators(monkeypatch) -> list:
+    """Record every ``Accelerator`` created (the real constructor still runs)."""
+    import accelerate
+
+    created = []
+    init = accelerate.Accelerator.__init__
+
+    def counting_init(self, *args, **kwargs):
+        created.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", counting_init)
+    return created
 
 
 def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
@@ -92,10 +114,12 @@ def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
     assert str(bad) in next(iter(skipped["examples"].values()))
 
 
-def test_sink_experiment_writes_table_and_plots(tmp_path):
+def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    accelerators = _count_accelerators(monkeypatch)
     main(SMALL + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr", "--sink_rates", "2", "4",
                     "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained"])  # fmt: skip
+    assert len(accelerators) == 1  # four runs, one Accelerator per process
     rows = json.loads((out / "sinks" / "sinks.json").read_text())
     assert [(r["rate"], r["decor_weight"]) for r in rows] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
     for r in rows:
