@@ -76,11 +76,6 @@ def run_sink_experiment(
     config: RunConfig, accelerator: Accelerator, splits: dict[str, list[Utterance]], log: Log
 ) -> None:
     """Train with and without the decorrelation loss at a low and a high rate, analyse each model, write one table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modality = config.modalities[0]
     low, high = config.sinks.rates
     weight = config.sinks.weight
@@ -111,8 +106,16 @@ def run_sink_experiment(
                 f"sinks/utt {stats['intermediate_sinks_per_utt']}  top |h| {stats['top_activation']}"
             )
     (out / "sinks.json").write_text(json.dumps(rows, indent=1))
+    table = sinks_table(rows, modality, config.model.projector, weight)
+    (out / "sinks.md").write_text(table)
+    plot_summary(rows, out / "plots" / "summary.png")
+    log(table.rstrip("\n"))
+
+
+def sinks_table(rows: list[dict], modality: str, projector: str, weight: float) -> str:
+    """The experiment's markdown table: one row per (rate, λ)."""
     lines = [
-        f"Modality `{modality}`, projector `{config.model.projector}`, λ = {weight}, analysis on 8 test utterances.",
+        f"Modality `{modality}`, projector `{projector}`, λ = {weight}, analysis on 8 test utterances.",
         "",
         "| rate | decor λ | WER % | mean BOS-cosine | intermediate sinks / utt | max non-BOS sink score | "
         "BOS sink score | top \\|activation\\| |",
@@ -125,7 +128,16 @@ def run_sink_experiment(
             f"{r['bos_sink_score']:.3f} | "
             f"{r['top_activation']:.1f} |"
         )
-    (out / "sinks.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(rows: list[dict], path: Path) -> None:
+    """Cosine to BOS per layer and WER of every (rate, λ), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in rows:
         axes[0].plot(r["bos_cosine_per_layer"], marker="o", label=f"rate {r['rate']}, λ={r['decor_weight']:g}")
@@ -135,6 +147,5 @@ def run_sink_experiment(
     axes[1].bar(labels, [r["wer"] for r in rows], color=["tab:gray", "tab:blue"] * 2)
     axes[1].set(ylabel="test WER %", title="WER with / without decorrelation")
     fig.tight_layout()
-    fig.savefig(out / "plots" / "summary.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    log("\n".join(lines))
