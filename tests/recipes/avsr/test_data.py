@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recipes.avsr.data.collate import AVSRCollator
+from recipes.avsr.data.collate import AVSRCollator, audio_frames, matching_video_rate
 from recipes.avsr.data.dataset import AVSRDataset, VideoTransform
 from recipes.avsr.data.loader import LengthBucketSampler
 from recipes.avsr.data.lrs3 import (
@@ -36,6 +36,7 @@ from recipes.avsr.data.synthetic import (
     phoneme_visemes,
     render_mouth,
 )
+from recipes.avsr.stand_ins import build_word_tokenizer
 
 
 def _frames(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
@@ -238,3 +239,12 @@ def _extractor():
     from transformers import WhisperFeatureExtractor
 
     return WhisperFeatureExtractor(feature_size=80, chunk_length=4)
+
+
+def test_stream_rates_and_transcript_tokens():
+    assert audio_frames(SAMPLES_PER_FRAME * 10, hop_length=160) == 20  # 25 fps video, 50 Hz encoder frames
+    assert audio_frames(SAMPLES_PER_FRAME * 10 + 1, hop_length=160) == 21  # a partial frame still counts
+    assert [matching_video_rate(r) for r in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    tokenizer = build_word_tokenizer(["place", "blue"])
+    batch = AVSRCollator(tokenizer=tokenizer)([{"uid": "u", "text": "place blue", "video": np.zeros((3, 8, 8))}])
+    assert batch["transcript_ids"] == [tokenizer.convert_tokens_to_ids(["place", "blue"])]

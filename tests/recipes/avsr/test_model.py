@@ -226,3 +226,13 @@ def test_any_transformers_image_model_can_be_the_video_encoder(tmp_path):
     assert isinstance(encoder, FrameWiseImageEncoder)
     assert video_hidden_size(encoder) == 16
     assert encoder(torch.randn(2, 5, 32, 32)).last_hidden_state.shape == (2, 5, 16)  # one feature per frame
+
+
+def test_training_needs_the_transcript_ids_of_the_collator(parts):
+    tokenizer, audio_encoder, extractor, _ = parts
+    model = AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    batch = AVSRCollator(extractor)(_items())  # no tokenizer: a decoding batch
+    assert "transcript_ids" not in batch
+    with pytest.raises(ValueError, match="AVSRCollator"):
+        model(batch)
+    assert model.assemble(batch, with_transcript=False).labels is None
