@@ -1,16 +1,16 @@
-"""The AVSR recipe's checkpoints (recipes.common.checkpoints): atomic folders, the limit, resumption."""
+"""The recipes' shared checkpoints (recipes.common.checkpoints): atomic folders, the limit, resumption."""
 
 import json
 
 import pytest
+from accelerate import Accelerator
 
-from recipes.avsr.loop import make_accelerator
 from recipes.common.checkpoints import checkpoint_dirs, load_checkpoint, resolve_resume, save_checkpoint
 
 
 @pytest.fixture(scope="module")
 def accelerator():
-    return make_accelerator()
+    return Accelerator(cpu=True)
 
 
 def test_the_limit_keeps_the_newest(tmp_path, accelerator):
