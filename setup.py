@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["peft_gnnmoe", "peft_gnnmoe.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.23",  # 5.0-5.22 checkpoint __call__: the sink loss hooks would run inside the checkpoint
         "peft>=0.21,<0.22",  # tested range: peft_gnnmoe/utils/peft_internals.py TESTED_PEFT_VERSIONS
         "accelerate>=1.0",
         "datasets>=3.0",
