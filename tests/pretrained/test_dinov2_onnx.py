@@ -288,3 +288,9 @@ def test_normalisation_inside_the_graph_is_refused(onnx_model):
     cast.input[0] = "centred"
     with pytest.raises(GraphMismatch, match="normalises its input itself"):
         trace_dinov2(OnnxGraph(tampered))
+
+
+def test_package_exports_the_converter_lazily():
+    import peft_gnnmoe.pretrained as pretrained
+
+    assert pretrained.dinov2_vits14_path is dinov2_vits14_path
