@@ -15,7 +15,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",
-        "peft>=0.21",
+        "peft>=0.21,<0.22",  # tested range: peft_gnnmoe/utils/peft_internals.py TESTED_PEFT_VERSIONS
         "accelerate>=1.0",
         "datasets>=3.0",
         "torch-geometric>=2.6",

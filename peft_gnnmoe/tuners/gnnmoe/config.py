@@ -8,10 +8,10 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-from ...registration import _ensure_peft_type_member
+from ...registration import peft_type_member
 from .architectures import DEFAULT_SHARED_ROUTER_GROUPS
 
-GNNMOE_PEFT_TYPE = _ensure_peft_type_member("GNNMOE")
+GNNMOE_PEFT_TYPE = peft_type_member("GNNMOE")
 
 ROUTER_TYPES = ("gcn", "gat", "sage")
 GRAPH_MODES = ("knn", "grid", "knn+grid")
