@@ -1,4 +1,8 @@
-"""Shared plumbing of the analysis functions: model unwrapping, batches, eval mode, BOS positions."""
+"""Shared plumbing of the analysis functions: batches, eval mode, BOS positions, causal or bidirectional attention.
+
+Model facts (unwrapping, text config, layers, BOS id) come from ``peft_gnnmoe.utils.model_introspection``, token
+bookkeeping from the sink tuner's ``find_bos_positions`` / ``valid_token_mask``.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..tuners.sink_decorrelation.layers import find_decoder_layers, unwrap_model
 from ..tuners.sink_decorrelation.loss import find_bos_positions, valid_token_mask
+from ..utils.model_introspection import bos_token_id as model_bos_token_id
+from ..utils.model_introspection import find_decoder_layers, text_config, unwrap_model
 
 Batch = Mapping[str, Any] | torch.Tensor
-
-
-def text_config(model):  # TEMPORARY until peft_gnnmoe.utils.model_introspection lands on main
-    config = getattr(unwrap_model(model), "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def model_bos_token_id(model):  # TEMPORARY, see above
-    return getattr(text_config(model), "bos_token_id", None)
 
 
 def as_batch(batch: Batch) -> dict[str, Any]:
@@ -84,8 +80,7 @@ def bos_positions_for(
     bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """BOS index per sequence (see ``find_bos_positions``); ``bos="first"`` is the analysis default."""
-    if bos_token_id is None and bos == "token":
-        bos_token_id = model_bos_token_id(model)
+    bos_token_id = model_bos_token_id(model, bos_token_id) if bos == "token" else bos_token_id
     return find_bos_positions(valid_mask(batch), batch.get("input_ids"), bos_token_id, bos, bos_positions)
 
 

@@ -129,9 +129,9 @@ def _added_bos(tokenizer) -> int | None:
 
 def _check_bos(model, batch: dict) -> None:
     """``--bos token`` needs the model's bos_token_id in every sequence: a clear message instead of a traceback."""
-    from ._inputs import model_bos_token_id
+    from ..utils.model_introspection import bos_token_id
 
-    bos = model_bos_token_id(model)
+    bos = bos_token_id(model)
     if bos is None:
         raise SystemExit("--bos token: the model config has no bos_token_id. Use --bos first (the first token).")
     present = ((batch["input_ids"] == bos) & batch["attention_mask"].bool()).any(dim=1)

@@ -13,8 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..tuners.sink_decorrelation.layers import LayerSpec, find_decoder_layers, resolve_layer_indices
 from ..tuners.sink_decorrelation.loss import cosine_to_bos, decorrelation_token_mask
+from ..utils.model_introspection import LayerSpec, find_decoder_layers, resolve_layer_indices
 from ._inputs import Batch, as_batch, bos_positions_for, inference, is_causal, to_list, valid_mask
 
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..tuners.sink_decorrelation.layers import find_decoder_layers
+from ..utils.model_introspection import find_decoder_layers
 from ._inputs import Batch, as_batch, inference, is_causal, valid_mask
 
 # the module whose input is the residual stream after attention, in the order they are tried (Gemma2/3 apply their
