@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         text = [[tokenizer.decode([i]) for i in row] for row in rows]
     if args.bos == "token":
         _check_bos(model, batch)
+    _check_head_layer(model, args.head_layer)
 
     report = analyze(
         model,
@@ -140,6 +141,18 @@ def _check_bos(model, batch: dict) -> None:
         raise SystemExit(
             f"--bos token: sequence(s) {rows} contain no BOS token (id {bos}); this tokenizer does not add one. "
             "Use --bos first (the first token), or --input-ids that start with the BOS id."
+        )
+
+
+def _check_head_layer(model, layer: int | None) -> None:
+    from ..utils.model_introspection import find_decoder_layers
+
+    if layer is None:
+        return
+    num_layers = len(find_decoder_layers(model)[1])
+    if not 0 <= layer < num_layers:
+        raise SystemExit(
+            f"--head-layer {layer} does not exist: the model has {num_layers} layers (0..{num_layers - 1})."
         )
 
 
