@@ -215,3 +215,8 @@ def test_relative_scores_are_scores_over_the_baseline(make_lm, lm_batch):
         expected = report.layer_scores[1][2][k] / report.baseline[1][k]
         assert report.relative_layer_scores[1][2][k] == pytest.approx(expected, rel=2e-3)
     assert math.isclose(report.relative_layer_scores[1][2][6], 0.0)  # padding
+
+
+def test_unknown_attention_kind_asks_for_the_causal_argument():
+    with pytest.raises(ValueError, match="Pass causal=True"):
+        attention_sink_scores(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.tensor([[1, 2]]))
