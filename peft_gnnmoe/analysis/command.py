@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise SystemExit(f"{args.model} has no tokenizer: pass --input-ids.")
         batch = tokenize(tokenizer, args.text or [DEFAULT_TEXT], args.chat, args.max_length)
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-        tokens = [tokenizer.convert_ids_to_tokens(row) for row in rows]
-        text = [[tokenizer.decode([i]) for i in row] for row in rows]
+        # one entry per position (padding included), so that report positions index them directly
+        tokens = [tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+        text = [
+            [tokenizer.decode([i]) if m else "" for i, m in zip(ids, mask)]
+            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+        ]
     if args.bos == "token":
         _check_bos(model, batch)
     _check_head_layer(model, args.head_layer)
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    labels = _padded_labels(text[0], batch["attention_mask"][0].tolist()) if text else None
+    labels = text[0] if text else None
     plot_massive_activations(report["massive_activations"], out / "massive_activations.png")
     plot_attention_sinks(report["attention_sinks"], out / "attention_sinks.png", labels, layer=args.head_layer)
     plot_bos_cosine(report["bos_cosine"], out / "bos_cosine.png", labels)
@@ -156,14 +159,6 @@ def _check_head_layer(model, layer: int | None) -> None:
         )
 
 
-def _padded_labels(text: list[str], mask: list[int]) -> list[str]:
-    """Token labels of one row laid out on the padded positions ('' at padding)."""
-    labels, it = [], iter(text)
-    for m in mask:
-        labels.append(next(it) if m else "")
-    return labels
-
-
 def _device(name: str):
     import torch
 
@@ -227,16 +222,11 @@ def _summary(report: dict, out: Path) -> str:
 def _token_namer(report: dict):
     """``s -> "token 6 'the'"`` (``"[1] token 6 ..."`` for other sequences than the first)."""
     text = report.get("token_text")
-    masks = report["attention_sinks"]["baseline"]  # > 0 exactly at the valid positions
 
     def name(entry: dict) -> str:
         b, t = entry["batch"], entry["token"]
         label = f"token {t}" if b == 0 else f"[{b}] token {t}"
-        if text:
-            positions = [k for k, u in enumerate(masks[b]) if u > 0]
-            if t in positions:
-                label += f" {text[b][positions.index(t)].strip()!r}"
-        return label
+        return f"{label} {text[b][t].strip()!r}" if text else label
 
     return name
 

@@ -104,6 +104,11 @@ def test_token_text_is_readable(model_dir, tmp_path):
     assert report["token_text"][0] == ["<s>", "The", " quick", " brown", " fox"]
 
 
+def test_token_text_follows_the_padded_positions(model_dir, tmp_path):
+    report = _run(model_dir, tmp_path / "out", "--text", "The quick brown fox", "--text", "The fox")
+    assert report["token_text"][1] == ["<s>", "The", " fox", "", ""]
+
+
 def test_bos_token_on_a_tokenizer_without_bos_is_a_clear_message(model_dir_without_bos, tmp_path):
     args = ["analyze", "--model", str(model_dir_without_bos), "--bos", "token", "--output-dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="--bos token: sequence.* contain no BOS token .*Use --bos first"):
