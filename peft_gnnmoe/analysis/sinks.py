@@ -30,9 +30,11 @@ class AttentionSinkReport:
 
     ``scores[b][l][h][k]`` is ``alpha`` of sequence ``b`` (0 at padding), ``layer_scores[b][l][k]`` its mean over
     heads, ``mean_scores[b][k]`` its mean over layers and heads; ``baseline[b][k]`` is the uniform-attention score
-    and ``relative_layer_scores`` / ``relative_mean_scores`` the scores divided by it. ``sinks`` lists the keys whose
-    mean score passes both tests (``{"batch", "token", "score", "relative"}``); ``layer_sinks`` the keys that pass
-    them at one layer or more (``{"batch", "token", "layers", "scores", "relative"}``, one value per listed layer).
+    and ``relative_layer_scores`` / ``relative_mean_scores`` the scores divided by it; ``sink_rate[b][k]`` is the
+    share of (layer, head) pairs whose score exceeds ``threshold`` (sail-sg/Attention-Sink's Sink_epsilon).
+    ``sinks`` lists the keys whose mean score passes both tests (``{"batch", "token", "score", "relative"}``);
+    ``layer_sinks`` the keys that pass them at one layer or more (``{"batch", "token", "layers", "scores",
+    "relative"}``, one value per listed layer).
     """
 
     threshold: float
@@ -44,6 +46,7 @@ class AttentionSinkReport:
     baseline: list
     relative_layer_scores: list
     relative_mean_scores: list
+    sink_rate: list
     sinks: list[dict]
     layer_sinks: list[dict]
 
@@ -115,6 +118,7 @@ def attention_sink_scores(
         baseline=to_list(baseline, 4),
         relative_layer_scores=to_list(relative_layer, 3),
         relative_mean_scores=to_list(relative_mean, 3),
+        sink_rate=to_list((alpha > threshold).float().mean(dim=(1, 2)), 4),
         sinks=_mean_sinks(mean_scores, relative_mean, threshold, ratio),
         layer_sinks=_layer_sinks(layer_scores, relative_layer, threshold, ratio),
     )

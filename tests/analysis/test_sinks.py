@@ -220,3 +220,10 @@ def test_relative_scores_are_scores_over_the_baseline(make_lm, lm_batch):
 def test_unknown_attention_kind_asks_for_the_causal_argument():
     with pytest.raises(ValueError, match="Pass causal=True"):
         attention_sink_scores(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.tensor([[1, 2]]))
+
+
+def test_sink_rate_is_the_share_of_layer_head_pairs_above_the_threshold():
+    """The sink takes all attention in 3 of 8 layers (4 heads each); the random-init layers stay near uniform."""
+    ids = torch.tensor([[1, 20, 31, 9, 44, 17, 52, 23, 38, 11, 60, 27]])
+    report = attention_sink_scores(_gpt2_with_sink(sink_token=9, layers=(1, 2, 3)), ids)
+    assert report.sink_rate[0][3] == pytest.approx(3 * 4 / (8 * 4))
