@@ -99,11 +99,10 @@ def attention_sinks_figure(report: Any, tokens: list[str] | None = None, batch: 
     sinks = [(s["token"], at) for s in data.get("layer_sinks", []) if s["batch"] == batch for at in s["layers"]]
     if sinks:
         xs, ys = zip(*sinks)
-        axes[0].scatter(xs, ys, s=14, facecolors="none", edgecolors="red", linewidths=0.8, label="sink at this layer")
-        axes[0].legend(fontsize=7, loc="lower right")
+        axes[0].scatter(xs, ys, s=14, facecolors="none", edgecolors="red", linewidths=0.8)
     axes[0].set_xlabel("key position")
     axes[0].set_ylabel(label)
-    axes[0].set_title("attention received (mean over heads)", fontsize=9)
+    axes[0].set_title("attention received (mean over heads; red circles: sinks at that layer)", fontsize=9)
     _token_ticks(axes[0], tokens, layer_scores.shape[1])
     axes[1].imshow(scores[layer], aspect="auto", cmap="viridis", vmin=0, vmax=1)
     axes[1].set_xlabel("key position")
