@@ -26,11 +26,12 @@ def _jsonable(value: Any) -> Any:
 class SinkDecorrelationConfig(PeftConfig):
     """Configuration of [`SinkDecorrelationModel`]: an inner PEFT method trained with a BOS-decorrelation loss.
 
-    The wrapper adds ``weight * L_decor`` to the causal-LM loss, where ``L_decor`` is the mean over the chosen decoder
-    layers and the selected tokens of ``cos(h[BOS], h[t])**2`` (see ``loss.py``), following "Mitigating Attention Sinks
-    and Massive Activations in Audio-Visual Speech Recognition with LLMs" (arXiv 2510.22603). The inner config (LoRA or
-    any other non-prompt PEFT method) decides which adapters exist and are trained; it is stored inside this config's
-    ``adapter_config.json`` and rebuilt on load.
+    The wrapper adds ``weight * L_decor`` to the causal-LM loss, where ``L_decor`` is, per sequence, the mean over the
+    chosen decoder layers and its selected tokens of ``cos(h[BOS], h[t])**2``, weighted over the sequences like the
+    model's own loss (see ``loss.py``), following "Mitigating Attention Sinks and Massive Activations in Audio-Visual
+    Speech Recognition with LLMs" (arXiv 2510.22603). The inner config (LoRA or any other non-prompt PEFT method)
+    decides which adapters exist and are trained; it is stored inside this config's ``adapter_config.json`` and
+    rebuilt on load.
 
     Example:
         ```py
