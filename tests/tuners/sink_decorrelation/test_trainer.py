@@ -102,3 +102,17 @@ def test_label_smoothing_with_prefix_tokens_raises(sink_model, lm_batch, tmp_pat
         _first_step_gradients(
             sink_model(weight=WEIGHT, tokens="prefix"), _dataset(lm_batch), tmp_path, 1, label_smoothing_factor=0.1
         )
+
+
+def test_the_reference_reduction_warns_under_trainer(sink_model, lm_batch, tmp_path):
+    model = sink_model(weight=WEIGHT, reduction="tokens")
+    with pytest.warns(UserWarning, match="reduction='tokens'.*gradient accumulation"):
+        _first_step_gradients(model, _dataset(lm_batch), tmp_path, 2)
+
+
+def test_the_reference_reduction_is_not_accumulation_invariant(sink_model, lm_batch, tmp_path):
+    # documents why it is not the default: the term is counted once per micro-batch
+    dataset = _dataset(lm_batch)
+    one = _first_step_gradients(sink_model(weight=WEIGHT, reduction="tokens"), dataset, tmp_path, 1)
+    two = _first_step_gradients(sink_model(weight=WEIGHT, reduction="tokens"), dataset, tmp_path, 2)
+    assert _relative_difference(two, one) > 0.1
