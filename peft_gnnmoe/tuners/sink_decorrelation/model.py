@@ -221,6 +221,8 @@ class SinkDecorrelationModel(BaseTuner):
             per_layer = [reduce_layer_sums([s], counts, "tokens") for s in layer_sums]
 
         ce = _loss_of(output)
+        if ce is not None:
+            decor = decor.to(ce.device)  # the loss may live on another device than the inputs (device_map="auto")
         output, added = add_to_loss(output, config.weight * decor)
         if not added:
             warn_once(
