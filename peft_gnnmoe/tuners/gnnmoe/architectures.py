@@ -10,6 +10,7 @@ from typing import Any
 
 # q/k/v of every encoder block; transformers 5 names them q_proj/k_proj/v_proj, 4.x named them query/key/value.
 _QKV = ["q_proj", "k_proj", "v_proj", "query", "key", "value"]
+QKV_NAME_GROUPS: tuple[tuple[str, ...], ...] = (tuple(_QKV[:3]), tuple(_QKV[3:]))  # (transformers 5, 4.x)
 # composite image-text models also have a text tower with q/k/v: restrict the defaults to the vision tower
 _VISION_TOWER_QKV = r".*vision_model.*\.(q_proj|k_proj|v_proj)"
 

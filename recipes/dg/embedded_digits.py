@@ -23,7 +23,6 @@ DomainBed).
 from __future__ import annotations
 
 import glob
-import math
 import os
 
 import numpy as np
@@ -166,14 +165,3 @@ def build_embedded_digits(image_size: int = 28) -> dict[str, tuple[np.ndarray, n
     }
     assert tuple(domains) == DOMAINS
     return domains
-
-
-def preview(path: str, image_size: int = 28, per_domain: int = 12) -> None:
-    """Saves a PNG grid with ``per_domain`` images of each domain (one row per domain)."""
-    domains = build_embedded_digits(image_size)
-    rows = []
-    for imgs, _ in domains.values():
-        rows.append(np.concatenate(list(imgs[:per_domain]), axis=1))
-    grid = np.concatenate(rows, axis=0)
-    up = max(1, math.ceil(64 / image_size))
-    Image.fromarray(grid).resize((grid.shape[1] * up, grid.shape[0] * up), Image.NEAREST).save(path)

@@ -2,33 +2,45 @@
 
 ``gnnmoe-<router>`` (GNN-MoE, this project), ``lora`` and ``lokr`` (PEFT) adapt the same q/k/v projections of every
 encoder block and train the classification head; ``probe`` trains the head only; ``full`` trains everything.
+Router names, q/k/v names and GNN-MoE's defaults come from the library (``peft_gnnmoe``), not from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from peft import LoKrConfig, LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForImageClassification
 
+from peft_gnnmoe import GNNMoEConfig, GNNMoEModel, get_expert_assignments, get_routing_stats
+from peft_gnnmoe.tuners.gnnmoe.architectures import QKV_NAME_GROUPS
+from peft_gnnmoe.tuners.gnnmoe.config import ROUTER_TYPES
+
 METHODS = ("gnnmoe", "lora", "lokr", "probe", "full")
-ROUTERS = ("gcn", "gat", "sage")
+ROUTERS = ROUTER_TYPES
 # default learning rates (AdamW, constant); see the README (domain generalization section) for how they were chosen
 DEFAULT_LR = {"gnnmoe": 3e-3, "lora": 3e-3, "lokr": 3e-3, "probe": 1e-2, "full": 1e-3}
-_QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+# the GNN-MoE hyper-parameters the recipe exposes, with GNNMoEConfig's own defaults
+GNNMOE_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(GNNMoEConfig)
+    if f.name in ("num_experts", "top_k", "kron_rank", "kron_factor")
+}
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodArgs:
     """Method hyper-parameters shared by every run of a sweep."""
 
     lora_r: int = 4
     lokr_r: int = 4
-    num_experts: int = 4
-    top_k: int = 2
-    kron_rank: int = 4
-    kron_factor: int = 4
+    num_experts: int = GNNMOE_DEFAULTS["num_experts"]
+    top_k: int = GNNMOE_DEFAULTS["top_k"]
+    kron_rank: int = GNNMOE_DEFAULTS["kron_rank"]
+    kron_factor: int = GNNMOE_DEFAULTS["kron_factor"]
 
 
 def expand_methods(methods: list[str], routers: list[str]) -> list[str]:
@@ -48,16 +60,19 @@ def expand_methods(methods: list[str], routers: list[str]) -> list[str]:
 
 
 def base_method(name: str) -> str:
+    """``gnnmoe-gat`` → ``gnnmoe``; other names unchanged."""
     return name.split("-")[0]
 
 
 def qkv_names(model: nn.Module) -> list[str]:
     """The q/k/v projection names this model uses (transformers 5: ``q_proj``…; 4.x: ``query``…)."""
     leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for names in _QKV_NAMES:
+    for names in QKV_NAME_GROUPS:
         if set(names) <= leaves:
             return list(names)
-    raise ValueError(f"{type(model).__name__} has no q/k/v projections named {_QKV_NAMES}; is it a ViT-family model?")
+    raise ValueError(
+        f"{type(model).__name__} has no q/k/v projections named {QKV_NAME_GROUPS}; is it a ViT-family model?"
+    )
 
 
 def head_name(model: nn.Module, num_labels: int) -> str:
@@ -66,6 +81,19 @@ def head_name(model: nn.Module, num_labels: int) -> str:
         if isinstance(module, nn.Linear) and module.out_features == num_labels:
             return name
     raise ValueError(f"No top-level Linear head with {num_labels} outputs in {type(model).__name__}.")
+
+
+def image_stats(backbone: str) -> tuple[int | None, list[float], list[float]]:
+    """Input size, mean and std from the backbone's preprocessor config (ViT-style defaults when absent)."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        cfg, _ = ImageProcessingMixin.get_image_processor_dict(backbone)
+    except OSError:
+        cfg = {}
+    size = cfg.get("size")
+    size = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+    return size, list(cfg.get("image_mean", [0.5] * 3)), list(cfg.get("image_std", [0.5] * 3))
 
 
 def load_backbone(backbone: str, classes: list[str]) -> nn.Module:
@@ -91,16 +119,12 @@ def build_model(name: str, backbone: str, classes: list[str], hp: MethodArgs) ->
             p.requires_grad = pname.startswith(head + ".")
         return model
 
-    from peft import LoKrConfig, LoraConfig, get_peft_model
-
     targets = qkv_names(model)
     if method == "lora":
         config = LoraConfig(r=hp.lora_r, lora_alpha=2 * hp.lora_r, target_modules=targets, modules_to_save=[head])
     elif method == "lokr":
         config = LoKrConfig(r=hp.lokr_r, alpha=2 * hp.lokr_r, target_modules=targets, modules_to_save=[head])
     elif method == "gnnmoe":
-        from peft_gnnmoe import GNNMoEConfig
-
         config = GNNMoEConfig(
             router=name.split("-", 1)[1],
             num_experts=hp.num_experts,
@@ -122,35 +146,22 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def gnnmoe_available() -> bool:
-    try:
-        from peft_gnnmoe import GNNMoEConfig  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def is_gnnmoe(model: nn.Module) -> bool:
+    """Whether ``model`` is a PeftModel (or the tuner itself) with GNN-MoE adapters."""
+    return isinstance(model, GNNMoEModel) or isinstance(getattr(model, "base_model", None), GNNMoEModel)
 
 
 def routing_assignments(model: nn.Module) -> dict[str, dict] | None:
     """The GNN-MoE routers' per-token expert choices from the last forward pass (None for other methods)."""
-    try:
-        from peft_gnnmoe import get_expert_assignments
-    except ImportError:
-        return None
-    try:
-        return get_expert_assignments(model)
-    except TypeError:  # not a GNN-MoE model
-        return None
+    return get_expert_assignments(model) if is_gnnmoe(model) else None
 
 
 @torch.no_grad()
 def routing_entropy(model: nn.Module) -> float | None:
     """Mean routing entropy over the routers of the last forward pass (None for other methods)."""
-    try:
-        from peft_gnnmoe import get_routing_stats
-
-        stats = get_routing_stats(model)
-    except (ImportError, TypeError):
+    if not is_gnnmoe(model):
         return None
+    stats = get_routing_stats(model)
     if not stats:
         return None
     return sum(s["entropy"] for s in stats.values()) / len(stats)

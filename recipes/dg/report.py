@@ -1,4 +1,7 @@
-"""Results of a DG sweep as files: the table (JSON + Markdown), learning curves, a chart, and routing pictures."""
+"""Results of a DG sweep as files: the table (JSON + Markdown), learning curves and a chart.
+
+The routing pictures are drawn by the library (``peft_gnnmoe.tuners.gnnmoe.routing_figure``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import os
 from collections import defaultdict
 
 import numpy as np
-import torch
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -55,6 +57,7 @@ def _params(n: int) -> str:
 
 
 def markdown_table(table: dict) -> str:
+    """The table as Markdown: mean ± std per cell, the best mean of each column in bold."""
     domains = table["domains"]
     lines = [
         "| Method | Trainable params | " + " | ".join(domains) + " | Avg |",
@@ -162,64 +165,4 @@ def plot_chart(path: str, table: dict) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _layer_of(name: str) -> str:
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "layer", "blocks") and parts[i + 1].isdigit():
-            return f"layer {parts[i + 1]}"
-    return name
-
-
-def routing_figure(path: str, images: torch.Tensor, assignments: dict[str, dict], title: str = "") -> None:
-    """A grid: one row per image, its input, then per router (one per adapted layer) each patch coloured by its
-    top-1 expert over the image. ``images`` are uint8 ``[N, 3, H, W]``; ``assignments`` is
-    ``get_expert_assignments``' output for those images."""
-    plt = _plt()
-    from matplotlib.patches import Patch
-
-    routers = list(assignments.items())
-    num_experts = 1 + max(int(a["topk_index"].max()) for _, a in routers)
-    cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20")
-    n = images.shape[0]
-    fig, axes = plt.subplots(n, len(routers) + 1, figsize=(1.6 * (len(routers) + 1), 1.6 * n + 0.8), squeeze=False)
-    imgs = images.permute(0, 2, 3, 1).numpy()
-    for i in range(n):
-        axes[i][0].imshow(imgs[i])
-        for j, (name, a) in enumerate(routers):
-            top1 = a["topk_index"][i, :, 0].cpu()
-            p = int(a["num_prefix_tokens"])
-            grid = a.get("grid")
-            patches = top1[p:]
-            if grid is None:
-                side = int(round(len(patches) ** 0.5))
-                grid = (side, len(patches) // side)
-            expert = patches[: grid[0] * grid[1]].reshape(grid).numpy()
-            ax = axes[i][j + 1]
-            ax.imshow(imgs[i])
-            h, w = imgs[i].shape[:2]
-            ax.imshow(
-                expert,
-                cmap=cmap,
-                vmin=-0.5,
-                vmax=cmap.N - 0.5,
-                alpha=0.55,
-                interpolation="nearest",
-                extent=(-0.5, w - 0.5, h - 0.5, -0.5),
-            )  # the patch grid over the image's pixel edges
-            if i == 0:
-                ax.set_title(_layer_of(name), fontsize=8)
-    axes[0][0].set_title("input", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [Patch(color=cmap(e), label=f"expert {e}") for e in range(num_experts)]
-    fig.legend(handles=handles, loc="lower center", ncol=num_experts, fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+from .embedded_digits import CLASSES as DIGIT_CLASSES
+from .embedded_digits import build_embedded_digits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -36,7 +39,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "OfficeHome": DatasetInfo(("Art", "Clipart", "Product", "Real World"), 65),
     "TerraIncognita": DatasetInfo(("location_100", "location_38", "location_43", "location_46"), 10),
     "DomainNet": DatasetInfo(("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), 345, steps=15000),
-    # built from packages by dg_embedded.py; no folder needed
+    # built from packages by embedded_digits.py; no folder needed
     "EmbeddedDigits": DatasetInfo(("mnist", "mnist_m", "printed", "uci"), 10, hflip=False, steps=200),
 }
 EMBEDDED = "EmbeddedDigits"
@@ -58,6 +61,24 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
     np.random.RandomState(seed).shuffle(keys)
     cut = int(n * holdout_fraction)
     return keys[cut:], keys[:cut]
+
+
+@dataclass
+class Split:
+    """One trial's DomainBed split of every domain."""
+
+    train: list[Subset]  # 1 - holdout_fraction of each domain (training part; test part of a held-out domain)
+    held_out: list[Subset]  # holdout_fraction of each domain (validation part of a training domain)
+
+
+def make_split(domains: list[Dataset], trial: int, holdout_fraction: float) -> Split:
+    """Splits domain ``i`` with seed ``seed_hash(trial, i)``, as DomainBed's ``train.py`` does."""
+    train, held = [], []
+    for i, dom in enumerate(domains):
+        in_idx, out_idx = split_indices(len(dom), holdout_fraction, seed_hash(trial, i))
+        train.append(Subset(dom, in_idx.tolist()))
+        held.append(Subset(dom, out_idx.tolist()))
+    return Split(train, held)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,14 +122,12 @@ class HFImageDomain(Dataset):
 
 
 def embedded_domains(image_size: int) -> tuple[list[Dataset], list[str]]:
-    """The embedded digits benchmark (see ``dg_embedded.py``) as in-memory domains."""
-    from dg_embedded import CLASSES, build_embedded_digits
-
+    """The embedded digits benchmark (see ``embedded_digits.py``) as in-memory domains."""
     domains = []
     for images, labels in build_embedded_digits(image_size).values():
         chw = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         domains.append(TensorDomain(chw, torch.from_numpy(labels)))
-    return domains, list(CLASSES)
+    return domains, list(DIGIT_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""recipes/dg.py end to end on tiny real files: the leave-one-domain-out loop, outputs, resume after a kill, and a
-2-process run whose evaluation counts every held-out image exactly once."""
+"""The DG recipe (``python -m recipes.dg``) end to end on tiny real files: the leave-one-domain-out loop, outputs,
+resume after a kill, and a 2-process run whose evaluation counts every held-out image exactly once."""
 
 import json
 import os
@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "recipes"))
+from recipes.dg import train
+from recipes.dg.data import seed_hash, split_indices
 
-import dg  # noqa: E402
-from dg_data import seed_hash, split_indices  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 DOMAIN_SIZES = {"dom_a": 13, "dom_b": 15, "dom_c": 17}  # odd sizes: uneven shards under 2 processes
 
@@ -126,10 +125,11 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
         )
 
     argv = argv_for("4")
-    table = dg.main(argv)
+    table = train.main(argv)
     domains = list(DOMAIN_SIZES)
     methods = ["gnnmoe-gcn", "lora", "probe", "full"]
-    assert table["domains"] == domains and list(table["methods"]) == methods
+    assert table["domains"] == domains
+    assert list(table["methods"]) == methods
     for method in methods:
         for e, test_domain in enumerate(domains):
             for trial in (0, 1):
@@ -148,26 +148,32 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
                 assert rec[f"env{e}_in_n"] == len(split_indices(n[e], 0.2, seed_hash(trial, e))[0])
                 # training-domain validation picks the record with the best mean source-domain accuracy
                 best = max(r["records"], key=lambda x: x["val_acc"])
-                assert (r["selected_step"], r["test_acc"]) == (best["step"], best["test_acc"])
+                assert r["selected_step"] == best["step"]
+                assert r["test_acc"] == best["test_acc"]
                 assert [x["step"] for x in r["records"]] == [2, 4]
             cell = table["methods"][method]["domains"][test_domain]
-            assert cell["n"] == 2 and 0 <= cell["mean"] <= 100
+            assert cell["n"] == 2
+            assert 0 <= cell["mean"] <= 100
     params = {m: table["methods"][m]["trainable_params"] for m in methods}
     assert params["probe"] == 32 * 2 + 2  # the head alone
-    assert params["probe"] < params["lora"] < params["full"] and params["probe"] < params["gnnmoe-gcn"]
+    assert params["probe"] < params["lora"]
+    assert params["lora"] < params["full"]
+    assert params["probe"] < params["gnnmoe-gcn"]
     for name in ("results.json", "results.md", "curves.png", "chart.png", "routing/gnnmoe-gcn_dom_a.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
-    assert "| gnnmoe-gcn |" in md and "dom_b" in md and "±" in md
+    assert "| gnnmoe-gcn |" in md
+    assert "dom_b" in md
+    assert "±" in md
     assert not (out / "runs" / "lora" / "env0_trial0" / "checkpoints").exists()  # removed once a run is done
 
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint"):
-        dg.main(argv)
+        train.main(argv)
     # resuming a finished sweep trains nothing and rebuilds the same table
-    again = dg.main(argv + ["--resume_from_checkpoint"])
+    again = train.main(argv + ["--resume_from_checkpoint"])
     assert again["methods"] == table["methods"]
     with pytest.raises(ValueError, match="arguments differ"):
-        dg.main(argv_for("6") + ["--resume_from_checkpoint"])
+        train.main(argv_for("6") + ["--resume_from_checkpoint"])
 
 
 def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
@@ -189,9 +195,9 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
         "--routing_images",
         "0",
     ]
-    script = os.path.join(REPO, "recipes", "dg.py")
+    script = ["-m", "recipes.dg"]
     ref = subprocess.run(
-        [sys.executable, script, *_args(tiny, tmp_path / "ref", *common)],
+        [sys.executable, *script, *_args(tiny, tmp_path / "ref", *common)],
         env=_script_env(),
         capture_output=True,
         text=True,
@@ -202,7 +208,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     out = tmp_path / "killed"
     run_dir = out / "runs" / "gnnmoe-gat" / "env1_trial0"
     proc = subprocess.Popen(
-        [sys.executable, script, *_args(tiny, out, *common)],
+        [sys.executable, *script, *_args(tiny, out, *common)],
         env=_script_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -220,7 +226,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     assert 10 <= steps[-1] < 60
 
     resumed = subprocess.run(
-        [sys.executable, script, *_args(tiny, out, *common), "--resume_from_checkpoint"],
+        [sys.executable, *script, *_args(tiny, out, *common), "--resume_from_checkpoint"],
         env=_script_env(),
         capture_output=True,
         text=True,
@@ -234,7 +240,8 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     assert len(got["records"]) == 12
     for a, b in zip(got["records"], want["records"]):
         assert a == b  # bit-identical accuracies and losses at every evaluation
-    assert (got["selected_step"], got["test_acc"]) == (want["selected_step"], want["test_acc"])
+    assert got["selected_step"] == want["selected_step"]
+    assert got["test_acc"] == want["test_acc"]
 
 
 def test_two_processes_count_every_sample_once(tiny, tmp_path):
@@ -256,7 +263,8 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
         "no",
         "--dynamo_backend",
         "no",
-        os.path.join(REPO, "recipes", "dg.py"),
+        "-m",
+        "recipes.dg",
         *_args(
             tiny,
             out,
@@ -296,5 +304,7 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
         assert r["num_processes"] == 2
         for rec in r["records"]:
             # 11, 3, 3 samples over 2 processes with batches of 3: shards are padded, gather_for_metrics trims them
-            assert rec["env0_in_n"] == len(split_indices(n[0], 0.2, seed_hash(0, 0))[0]) == 11
-            assert rec["env1_out_n"] == 3 and rec["env2_out_n"] == 3
+            assert rec["env0_in_n"] == len(split_indices(n[0], 0.2, seed_hash(0, 0))[0])
+            assert rec["env0_in_n"] == 11
+            assert rec["env1_out_n"] == 3
+            assert rec["env2_out_n"] == 3

@@ -1,7 +1,7 @@
 """Pretrains the small ViT backbone of the embedded DG benchmark and saves it with save_pretrained.
 
-The embedded benchmark (recipes/dg.py with no --dataset) classifies digits; this backbone never sees a digit. It is
-trained on two label spaces at once, each half of every batch:
+The embedded benchmark (``python -m recipes.dg`` with no --dataset) classifies digits; this backbone never sees a
+digit. It is trained on two label spaces at once, each half of every batch:
 
 * the 60,000 Fashion-MNIST training images (clothing, 10 classes) that Debian's ``dataset-fashion-mnist`` package
   ships (``apt-get install dataset-fashion-mnist``);
@@ -14,8 +14,8 @@ trained on two label spaces at once, each half of every batch:
 The result is a ``ViTModel`` checkpoint (config.json + model.safetensors + preprocessor_config.json) that
 ``AutoModelForImageClassification.from_pretrained`` loads like any Hub checkpoint, with a fresh classification head.
 
-    python scripts/pretrain_backbone.py                      # writes assets/vit-tiny-fashion-contours (~20 min)
-    python scripts/pretrain_backbone.py --epochs 1 --output_dir /tmp/vit   # quick check
+    python -m recipes.dg.pretrain_backbone                   # writes assets/vit-tiny-fashion-contours (~20 min)
+    python -m recipes.dg.pretrain_backbone --epochs 1 --output_dir /tmp/vit   # quick check
 
 Deterministic for a given machine and thread count (seeded data order, augmentation and initialisation).
 """
@@ -33,11 +33,12 @@ import time
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import ViTConfig, ViTForImageClassification
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BACKBONE_DIR = os.path.join(REPO, "assets", "vit-tiny-fashion-contours")  # the embedded benchmark's backbone
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -51,6 +52,7 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_fashion_mnist(folder: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train images, train labels, test images, test labels)`` from Debian's Fashion-MNIST files."""
     names = [
         "train-images-idx3-ubyte.gz",
         "train-labels-idx1-ubyte.gz",
@@ -129,9 +131,14 @@ class Contours:
         return ink.amax(1).view(b, size, size).clamp(0, 1)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default=os.path.join(REPO, "assets", "vit-tiny-fashion-contours"))
+def main(argv: list[str] | None = None) -> None:
+    """Pretrains the backbone and saves it to ``--output_dir``."""
+    p = argparse.ArgumentParser(
+        prog="python -m recipes.dg.pretrain_backbone",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--output_dir", default=BACKBONE_DIR)
     p.add_argument("--fashion_dir", default=FASHION_DIR, help="folder with Fashion-MNIST's four *-ubyte.gz files")
     p.add_argument("--image_size", type=int, default=28)
     p.add_argument("--patch_size", type=int, default=4)
@@ -145,7 +152,7 @@ def main() -> None:
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--contour_classes", type=int, default=200, help="formula-driven contour classes (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_fashion_mnist(args.fashion_dir)
@@ -211,6 +218,8 @@ def main() -> None:
     model.vit.config.architectures = ["ViTModel"]
     model.vit.config.id2label, model.vit.config.label2id = {0: "LABEL_0", 1: "LABEL_1"}, {"LABEL_0": 0, "LABEL_1": 1}
     model.vit.save_pretrained(args.output_dir, safe_serialization=True)
+    from transformers import ViTImageProcessor  # imported here: it warns when torchvision is missing
+
     ViTImageProcessor(
         size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     ).save_pretrained(args.output_dir)
@@ -219,7 +228,7 @@ def main() -> None:
             {
                 "data": "Fashion-MNIST (Debian dataset-fashion-mnist), 60,000 train images, and "
                 f"{args.contour_classes} formula-driven contour classes",
-                "script": "scripts/pretrain_backbone.py",
+                "script": "recipes/dg/pretrain_backbone.py",
                 "args": vars(args) | {"output_dir": None},
                 "fashion_mnist_test_accuracy": acc,
                 "seconds": round(time.time() - start),

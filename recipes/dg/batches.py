@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-from dg_data import seed_hash
-from torch.utils.data import ConcatDataset, Dataset, Sampler
+from torch.utils.data import Sampler
+
+from .data import seed_hash
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -23,8 +24,14 @@ class StepBatchSampler(Sampler[list[int]]):
     Args:
         sizes: number of training examples of each training domain.
         batch_size: examples drawn from each domain per optimizer step (the global per-domain batch).
-        num_shards: ``gradient_accumulation_steps * num_processes``; must divide the global batch.
-        shard: this process's rank; micro-step ``m`` of a step takes shard ``m * num_processes + rank``.
+        steps: optimizer steps of the whole run.
+        seed: the trial seed; with the step it fixes the draw.
+        start_step: first step to yield (a resumed run starts at its checkpoint's step).
+        accumulation: gradient-accumulation micro-steps per optimizer step.
+        num_processes: processes the step is sharded over; ``accumulation * num_processes`` must divide the global
+            batch (``batch_size * len(sizes)``).
+        rank: this process's index; micro-step ``m`` of a step takes shard ``m * num_processes + rank``, i.e. every
+            ``(accumulation * num_processes)``-th example of the global batch from that position on.
     """
 
     def __init__(
@@ -75,11 +82,8 @@ class StepBatchSampler(Sampler[list[int]]):
         return (self.steps - self.start_step) * self.accumulation
 
 
-def train_set(domains: list[Dataset]) -> ConcatDataset:
-    return ConcatDataset(domains)
-
-
 def collate(items) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(image, label), ...]`` → ``(images [B, 3, S, S], labels int64 [B])``."""
     images, labels = zip(*items)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 

@@ -1,0 +1,200 @@
+"""Domain generalization of ViT adapters with DomainBed's protocol, under Accelerate (run from the repository root).
+
+    accelerate launch -m recipes.dg            # embedded digits benchmark: offline, every method, 4 domains, 3 seeds
+    accelerate launch -m recipes.dg --dataset PACS --data_dir /data/PACS \\
+        --backbone google/vit-base-patch16-224-in21k --method gnnmoe --router gat --test_envs 0 1 2 3 \\
+        --output_dir runs/pacs
+    accelerate launch --num_processes 8 -m recipes.dg ...   # DDP; FSDP/DeepSpeed through `accelerate config`
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m recipes.dg   # DDP over CPU processes
+    python -m recipes.dg --help                 # one process, without the launcher
+
+Protocol (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", ICLR 2021): every domain listed in
+--test_envs is held out in turn and the model trains on the others (leave-one-domain-out). Each domain is split with
+a seeded 80/20 shuffle; the model is evaluated every --eval_every steps and the evaluation with the best accuracy on
+the training domains' 20% splits is selected (training-domain validation); its accuracy on the held-out domain's 80%
+split is reported. Each method runs for every held-out domain and every trial seed with the same steps, batches and
+augmentation; the table gives mean ± std over trial seeds per domain and their average.
+
+Outputs in --output_dir: results.json and results.md (the table), curves.png (learning curves), chart.png,
+routing/*.png (each patch's chosen expert, per layer, for GNN-MoE), runs/<method>/env<i>_trial<s>/ (records.jsonl
+with every evaluation, result.json, checkpoints), and TensorBoard logs when tensorboard is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import methods
+from .data import DATASETS, EMBEDDED
+from .pretrain_backbone import BACKBONE_DIR as EMBEDDED_BACKBONE
+from .sweep import Sweep
+
+HUB_BACKBONE = "google/vit-base-patch16-224-in21k"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The recipe's arguments, with the data-set dependent defaults resolved (see ``resolve_defaults``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m recipes.dg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = p.add_argument_group("data")
+    d.add_argument(
+        "--dataset",
+        default=EMBEDDED,
+        help=f"One of {sorted(DATASETS)} (default {EMBEDDED}: built from installed packages, no download), "
+        "or any name with --data_dir (domains = its subfolders) or --hub_dataset.",
+    )
+    d.add_argument(
+        "--data_dir",
+        help="Folder laid out as <data_dir>/<domain>/<class>/<image>, domain folders named "
+        "as in DomainBed (e.g. PACS: art_painting cartoon photo sketch).",
+    )
+    d.add_argument(
+        "--hub_dataset",
+        help="A data set id (or local path) for datasets.load_dataset, with one row per "
+        "image and a column naming its domain; all splits are concatenated.",
+    )
+    d.add_argument("--hub_domain_column", default="domain", help="--hub_dataset column naming the domain.")
+    d.add_argument("--hub_label_column", default="label", help="--hub_dataset column with the class.")
+    d.add_argument("--hub_image_column", default="image", help="--hub_dataset column with the image.")
+    d.add_argument("--cache_dir", help="Cache folder for `datasets` (default: its own).")
+    d.add_argument(
+        "--test_envs",
+        type=int,
+        nargs="+",
+        help="Indices of the domains to hold out, each in turn (default: every domain).",
+    )
+    d.add_argument("--holdout_fraction", type=float, default=0.2, help="Per-domain held-out share (default 0.2).")
+    d.add_argument("--image_size", type=int, help="Input size (default: the backbone's).")
+    d.add_argument("--no_augment", action="store_true", help="Disable the training augmentation.")
+
+    m = p.add_argument_group("model and methods")
+    m.add_argument(
+        "--backbone",
+        help="Checkpoint for AutoModelForImageClassification.from_pretrained (default: the "
+        f"repo's assets/vit-tiny-fashion-contours for {EMBEDDED}, {HUB_BACKBONE} otherwise).",
+    )
+    m.add_argument(
+        "--method",
+        nargs="+",
+        default=list(methods.METHODS),
+        choices=methods.METHODS,
+        help="Methods to compare (default: all).",
+    )
+    m.add_argument(
+        "--router",
+        nargs="+",
+        default=list(methods.ROUTERS),
+        choices=methods.ROUTERS,
+        help="GNN-MoE routers, one run each (default: all).",
+    )
+    gnnmoe_help = {
+        "num_experts": "GNN-MoE experts per adapted layer",
+        "top_k": "GNN-MoE experts per token",
+        "kron_rank": "Rank of each Kronecker expert",
+        "kron_factor": "Kronecker rule size n",
+    }
+    for name, default in methods.GNNMOE_DEFAULTS.items():  # GNNMoEConfig's own defaults
+        m.add_argument(f"--{name}", type=int, default=default, help=f"{gnnmoe_help[name]} (default {default}).")
+    m.add_argument("--lora_r", type=int, default=4, help="LoRA rank, alpha = 2r (default 4).")
+    m.add_argument("--lokr_r", type=int, default=4, help="LoKr rank, alpha = 2r (default 4).")
+
+    t = p.add_argument_group("training")
+    t.add_argument(
+        "--trial_seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="Trial seeds; each changes the data split, the head's initialisation and the batches.",
+    )
+    t.add_argument(
+        "--steps",
+        type=int,
+        help=f"Optimizer steps per run (default: 5000, DomainNet 15000, {DATASETS[EMBEDDED].steps} for {EMBEDDED}).",
+    )
+    t.add_argument(
+        "--batch_size",
+        type=int,
+        help="Examples per training domain per optimizer step, over all "
+        f"processes and accumulation steps (default 32; 8 for {EMBEDDED}).",
+    )
+    t.add_argument("--lr", type=float, help=f"AdamW learning rate (default per method: {methods.DEFAULT_LR}).")
+    t.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default 0).")
+    t.add_argument(
+        "--eval_every",
+        type=int,
+        help=f"Evaluate (and log) every N steps; model selection picks among these (default 200; 100 for {EMBEDDED}).",
+    )
+    t.add_argument("--eval_batch_size", type=int, default=256, help="Per-process evaluation batch.")
+    t.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (use some for image folders).")
+
+    a = p.add_argument_group("accelerate")
+    a.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        help="Overrides `accelerate launch`'s setting (default: the launcher's, else no).",
+    )
+    a.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-steps per optimizer step; the batch per step stays --batch_size per domain.",
+    )
+    a.add_argument(
+        "--checkpointing_steps", type=int, help="Save the training state every N steps (default: --eval_every)."
+    )
+    a.add_argument("--checkpoints_total_limit", type=int, default=1, help="Checkpoints kept per run (default 1).")
+    a.add_argument("--keep_checkpoints", action="store_true", help="Keep a run's checkpoints after it finishes.")
+    a.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const="latest",
+        help="Continue a killed sweep in --output_dir: finished runs are kept, unfinished ones resume "
+        "from their latest checkpoint ('latest', the default) or from the given checkpoint folder.",
+    )
+    a.add_argument(
+        "--report_to",
+        default="tensorboard",
+        choices=["tensorboard", "none"],
+        help="Tracker for accelerate's logging (skipped when tensorboard is not installed).",
+    )
+    a.add_argument("--output_dir", help="Where results go (default runs/dg-<dataset>).")
+    a.add_argument("--routing_images", type=int, default=4, help="Held-out images per routing picture (0: none).")
+    a.add_argument("--save_adapters", action="store_true", help="save_pretrained every run's final model.")
+    args = p.parse_args(argv)
+    return resolve_defaults(args)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills the defaults that depend on the data set (backbone, steps, batch size, evaluation interval, output
+    folder) and checks the counts; raises before any data is loaded."""
+    info = DATASETS.get(args.dataset)
+    embedded = args.dataset == EMBEDDED
+    args.backbone = args.backbone or (EMBEDDED_BACKBONE if embedded else HUB_BACKBONE)
+    args.steps = args.steps or (info.steps if info else 5000)
+    args.batch_size = args.batch_size or (8 if embedded else 32)
+    args.eval_every = args.eval_every or (100 if embedded else 200)
+    args.checkpointing_steps = args.checkpointing_steps or args.eval_every
+    args.output_dir = args.output_dir or os.path.join("runs", f"dg-{args.dataset}")
+    if embedded and not os.path.isdir(args.backbone):
+        raise FileNotFoundError(
+            f"The embedded benchmark's backbone {args.backbone} is missing; regenerate it with "
+            "`python -m recipes.dg.pretrain_backbone` or pass --backbone."
+        )
+    for name in ("steps", "batch_size", "eval_every", "checkpointing_steps", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Runs the sweep; returns the results table on the main process (None on the others)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # every run re-initialises the head: the warning would repeat 84 times
+    return Sweep(parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    main()
