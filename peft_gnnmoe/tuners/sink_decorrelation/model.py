@@ -158,7 +158,15 @@ class SinkDecorrelationModel(BaseTuner):
         adapter_name, config = active
         inputs = forward_arguments(module, args, kwargs)
         if any(inputs.get(name) is not None for name in CACHE_ARGS):
-            return args, kwargs  # a decoding step (generate) or a continuation of a cached sequence: no loss
+            # a decoding step (generate) or a continuation of a cached sequence: no loss
+            if inputs.get("labels") is not None:
+                warn_once(
+                    self,
+                    "cache",
+                    "a training call with labels and a KV cache (cache= / past_key_values=) is treated as a decoding "
+                    "step: the decorrelation term is not added. Call the model without a cache to train with it.",
+                )
+            return args, kwargs
 
         input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
         reference = input_ids if input_ids is not None else embeds

@@ -82,3 +82,13 @@ def test_concurrent_forwards_each_get_their_own_loss(sink_model, lm_batch):
         torch.testing.assert_close(loss, expected[index], rtol=1e-5, atol=1e-6, msg=f"worker {worker} step {step}")
     assert _layer_hook_counts(model) == [0, 0, 0]
     assert len(model.base_model._calls) == 0
+
+
+def test_a_training_call_with_labels_and_a_cache_warns(sink_model, lm_batch):
+    from transformers import DynamicCache
+
+    model = sink_model(weight=0.1)
+    data = lm_batch()
+    with pytest.warns(UserWarning, match="treated as a decoding step"):
+        out = model(**data, past_key_values=DynamicCache())
+    assert not hasattr(out, "decorrelation_loss")
