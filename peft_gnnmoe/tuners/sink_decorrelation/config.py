@@ -6,9 +6,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+
+from ...registration import peft_type_member
 
 PEFT_TYPE_NAME = "SINK_DECORRELATION"
+SINK_DECORRELATION_PEFT_TYPE = peft_type_member(PEFT_TYPE_NAME)
 
 
 def _jsonable(value: Any) -> Any:
@@ -108,7 +110,7 @@ class SinkDecorrelationConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType[PEFT_TYPE_NAME]
+        self.peft_type = SINK_DECORRELATION_PEFT_TYPE
         if isinstance(self.base_config, dict):
             self.base_config = PeftConfig.from_peft_type(**self.base_config)
         if self.base_config is not None:
