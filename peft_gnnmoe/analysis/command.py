@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 DEFAULT_TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the capital of "
     "Germany."
@@ -27,7 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--magnitude-threshold", type=float, default=100.0, help="massive: |value| above this")
     parser.add_argument("--ratio-threshold", type=float, default=1000.0, help="massive: |value| / median above this")
     parser.add_argument("--sink-threshold", type=float, default=0.3, help="sink: mean attention received above this")
+    parser.add_argument("--sink-ratio", type=float, default=2.0, help="sink: and above this x the uniform baseline")
+    parser.add_argument("--head-layer", type=int, help="layer of the per-head sink panel (default: strongest sink)")
     parser.add_argument("--bos", choices=("first", "token"), default="first", help="BOS = first token or bos_token_id")
+    parser.add_argument("--device", default="cpu", help="torch device to run the model on, e.g. cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype (bf16/fp16 halve memory)"
+    )
     parser.add_argument("--output-dir", required=True, help="folder for report.json and the PNG plots")
     parser.set_defaults(func=run)
 
@@ -38,64 +46,143 @@ def run(args: argparse.Namespace) -> int:
     from .plotting import plot_attention_sinks, plot_bos_cosine, plot_massive_activations
     from .report import analyze
 
-    model, tokenizer = _load(args.model)
+    device = _device(args.device)
+    model, tokenizer = _load(args.model, getattr(torch, DTYPES[args.dtype]))
     if args.adapter:
         from peft import PeftModel
 
         import peft_gnnmoe  # noqa: F401  (registers the custom PEFT types)
 
         model = PeftModel.from_pretrained(model, args.adapter)
+    model.to(device)
     if args.input_ids:
         ids = torch.tensor([[int(i) for i in args.input_ids.split(",")]])[:, : args.max_length]
-        batch, tokens = {"input_ids": ids}, None
+        batch, tokens, text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, None
     else:
         if tokenizer is None:
             raise SystemExit(f"{args.model} has no tokenizer: pass --input-ids.")
-        texts = args.text or [DEFAULT_TEXT]
-        if args.chat:
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        batch = dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=args.max_length))
+        batch = tokenize(tokenizer, args.text or [DEFAULT_TEXT], args.chat, args.max_length)
+        # one entry per position (padding included), so that report positions index them directly
         tokens = [tokenizer.convert_ids_to_tokens(row) for row in batch["input_ids"].tolist()]
+        text = [
+            [tokenizer.decode([i]) if m else "" for i, m in zip(ids, mask)]
+            for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+        ]
+    if args.bos == "token":
+        _check_bos(model, batch)
+    _check_head_layer(model, args.head_layer)
 
     report = analyze(
         model,
-        batch,
+        {k: v.to(device) for k, v in batch.items()},
         magnitude_threshold=args.magnitude_threshold,
         ratio_threshold=args.ratio_threshold,
         sink_threshold=args.sink_threshold,
+        sink_ratio=args.sink_ratio,
         bos=args.bos,
         tokens=tokens,
     )
-    report["model"] = args.model
-    report["adapter"] = args.adapter
+    report.update(model=args.model, adapter=args.adapter, device=str(device), dtype=args.dtype, token_text=text)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    first_tokens = tokens[0] if tokens else None
+    labels = text[0] if text else None
     plot_massive_activations(report["massive_activations"], out / "massive_activations.png")
-    plot_attention_sinks(report["attention_sinks"], out / "attention_sinks.png", first_tokens)
-    plot_bos_cosine(report["bos_cosine"], out / "bos_cosine.png", first_tokens)
+    plot_attention_sinks(report["attention_sinks"], out / "attention_sinks.png", labels, layer=args.head_layer)
+    plot_bos_cosine(report["bos_cosine"], out / "bos_cosine.png", labels)
     print(_summary(report, out))
     return 0
 
 
-def _load(name: str):
+def tokenize(tokenizer, texts: list[str], chat: bool = False, max_length: int = 256) -> dict:
+    """``input_ids`` and ``attention_mask`` (padded on the tokenizer's ``padding_side``) with exactly one BOS.
+
+    A chat template writes its own special tokens, so chat texts are tokenized without adding them; BOS is then
+    prepended only when the tokenizer adds one to plain text and the template did not write it.
+    """
     import torch
 
+    if chat:
+        rendered = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered]
+        bos = _added_bos(tokenizer)
+        if bos is not None:
+            rows = [row if row[:1] == [bos] else [bos, *row] for row in rows]
+    else:
+        rows = [tokenizer(t)["input_ids"] for t in texts]
+    rows = [row[:max_length] for row in rows]
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        span = slice(0, len(row)) if tokenizer.padding_side == "right" else slice(length - len(row), length)
+        ids[b, span], mask[b, span] = torch.tensor(row, dtype=torch.long), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _added_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts in front of plain text, or None when it adds none."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("x")["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return bos if with_special[:1] == [bos] and without[:1] != [bos] else None
+
+
+def _check_bos(model, batch: dict) -> None:
+    """``--bos token`` needs the model's bos_token_id in every sequence: a clear message instead of a traceback."""
+    from ..utils.model_introspection import bos_token_id
+
+    bos = bos_token_id(model)
+    if bos is None:
+        raise SystemExit("--bos token: the model config has no bos_token_id. Use --bos first (the first token).")
+    present = ((batch["input_ids"] == bos) & batch["attention_mask"].bool()).any(dim=1)
+    if not present.all():
+        rows = (~present).nonzero().flatten().tolist()
+        raise SystemExit(
+            f"--bos token: sequence(s) {rows} contain no BOS token (id {bos}); this tokenizer does not add one. "
+            "Use --bos first (the first token), or --input-ids that start with the BOS id."
+        )
+
+
+def _check_head_layer(model, layer: int | None) -> None:
+    from ..utils.model_introspection import find_decoder_layers
+
+    if layer is None:
+        return
+    num_layers = len(find_decoder_layers(model)[1])
+    if not 0 <= layer < num_layers:
+        raise SystemExit(
+            f"--head-layer {layer} does not exist: the model has {num_layers} layers (0..{num_layers - 1})."
+        )
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise SystemExit(f"--device {name!r} is not usable here: {exc}") from None
+    return device
+
+
+def _load(name: str, dtype):
     from .pretrained import load_gguf_model, load_smollm2
 
     if name == "smollm2":
-        return load_smollm2()
+        return load_smollm2(dtype=dtype)
     path = Path(name)
     if path.suffix == ".gguf":
-        return load_gguf_model(path)
+        return load_gguf_model(path, dtype=dtype)
     if not path.is_dir():
         raise SystemExit(f"--model {name!r} is neither 'smollm2', a .gguf file nor a model folder.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
@@ -118,11 +205,38 @@ def _summary(report: dict, out: Path) -> str:
             f"  largest: {peak['value']:g} at layer {peak['layer']}, token {peak['token']}, feature {peak['feature']}"
         )
     sinks = report["attention_sinks"]
+    name = _token_namer(report)
     lines.append(
-        f"attention sinks (score > {sinks['threshold']:g}): "
-        + (", ".join(f"token {s['token']} ({s['score']:.2f})" for s in sinks["sinks"]) or "none")
+        f"attention sinks (score > {sinks['threshold']:g} and > {sinks['ratio']:g} x uniform attention), mean over "
+        "layers: "
+        + (", ".join(f"{name(s)} ({s['score']:.2f}, {s['relative']:.1f}x)" for s in sinks["sinks"]) or "none")
     )
+    per_layer = [f"{name(s)} at {_ranges(s['layers'])} (max {max(s['scores']):.2f})" for s in sinks["layer_sinks"]]
+    lines.append("  per layer: " + ("; ".join(per_layer) or "none"))
     cosine = report["bos_cosine"]
     lines.append(f"mean cosine to BOS over layers: {cosine['mean']:.3f}")
     lines.append(f"wrote {out / 'report.json'} and 3 PNG plots")
     return "\n".join(lines)
+
+
+def _token_namer(report: dict):
+    """``s -> "token 6 'the'"`` (``"[1] token 6 ..."`` for other sequences than the first)."""
+    text = report.get("token_text")
+
+    def name(entry: dict) -> str:
+        b, t = entry["batch"], entry["token"]
+        label = f"token {t}" if b == 0 else f"[{b}] token {t}"
+        return f"{label} {text[b][t].strip()!r}" if text else label
+
+    return name
+
+
+def _ranges(values: list[int]) -> str:
+    """``[2, 3, 4, 7]`` -> ``"layers 2-4, 7"``."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(v) if v == start else f"{start}-{v}")
+            start = None
+    return ("layer " if len(values) == 1 else "layers ") + ", ".join(parts)

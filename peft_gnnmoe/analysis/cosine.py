@@ -6,15 +6,16 @@ decorrelation loss pushes down.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from ..tuners.sink_decorrelation.layers import LayerSpec, find_decoder_layers, resolve_layer_indices
 from ..tuners.sink_decorrelation.loss import cosine_to_bos, decorrelation_token_mask
-from ._inputs import Batch, as_batch, bos_positions_for, inference, to_list, valid_mask
+from ..utils.model_introspection import LayerSpec, find_decoder_layers, resolve_layer_indices
+from ._inputs import Batch, as_batch, bos_positions_for, inference, is_causal, to_list, valid_mask
 
 
 @dataclass
@@ -33,6 +34,7 @@ class BosCosineReport:
     mean: float
     mean_abs_per_layer: list[float]
     mean_abs: float
+    causal: bool | None = None  # decoder (True), encoder (False), unknown (None): names the layers in the plots
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +89,11 @@ def bos_cosine_similarity(
             for t, is_valid in enumerate(row):
                 if not is_valid:
                     per_layer[t] = None
+    causal = None
+    with contextlib.suppress(ValueError):  # unknown attention kind: the plots say "layer"
+        causal = is_causal(model)
     return BosCosineReport(
+        causal=causal,
         layers=indices,
         bos_positions=positions.cpu().tolist(),
         cosine=cosine_list,

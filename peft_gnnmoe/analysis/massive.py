@@ -3,21 +3,23 @@
 An activation ``h_l[b, t, d]`` is massive when ``|h| > magnitude_threshold`` and ``|h| > ratio_threshold * median``,
 with the median of ``|h_l|`` over the layer's valid tokens (defaults 100 and 1000, as in the paper; smaller models need
 smaller thresholds). For each massive activation the branch that created it is reported: ``"residual"`` when it was
-already massive at the layer input (carried over), else ``"attention"`` or ``"mlp"``, whichever residual branch added
-more to it in this layer (the residual stream between the branches is the input of the pre-MLP norm of a pre-norm
-block), or ``"unknown"`` for blocks of another shape.
+already massive at the layer input (carried over; ``"embeddings"`` at the first layer, whose input is the embedding
+output), else ``"attention"`` or ``"mlp"``, whichever residual branch added more to it in this layer (the residual
+stream between the branches is the input of the pre-MLP norm of a pre-norm block), or ``"unknown"`` for blocks of
+another shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from ..tuners.sink_decorrelation.layers import find_decoder_layers
-from ._inputs import Batch, as_batch, inference, valid_mask
+from ..utils.model_introspection import find_decoder_layers
+from ._inputs import Batch, as_batch, inference, is_causal, valid_mask
 
 # the module whose input is the residual stream after attention, in the order they are tried (Gemma2/3 apply their
 # post_attention_layernorm to the attention output, so their pre_feedforward_layernorm comes first)
@@ -41,7 +43,7 @@ class MassiveActivation:
 
 @dataclass
 class LayerActivationStats:
-    """Per layer: median |h| over valid tokens, the top-k |h| entries, and the massive ones."""
+    """Per layer: median |h| over valid tokens, the top-k |h| entries of every sequence, and the massive ones."""
 
     layer: int
     median: float
@@ -60,6 +62,7 @@ class MassiveActivationReport:
     features: dict[int, int]  # feature index -> number of distinct (batch, token) where it is massive
     tokens: list[dict]  # {"batch", "token", "layers"}: tokens that carry massive values, and in how many layers
     origins: dict[str, int]  # where new massive values are created (entries carried over are not counted)
+    causal: bool | None = None  # decoder (True), encoder (False), unknown (None): names the layers in the plots
 
     @property
     def massive(self) -> list[MassiveActivation]:
@@ -128,7 +131,7 @@ def find_massive_activations(
         batch: forward kwargs (``input_ids`` or ``inputs_embeds``, optional 2-D ``attention_mask``) or an id tensor.
         magnitude_threshold: minimum ``|value|`` of a massive activation.
         ratio_threshold: minimum ``|value| / median(|h_l|)``.
-        top_k: how many largest ``|value|`` entries to list per layer.
+        top_k: how many largest ``|value|`` entries to list per layer and sequence.
         layers_module: path of the decoder layers' ``nn.ModuleList`` if it is not found automatically.
     """
     batch = as_batch(batch)
@@ -146,7 +149,10 @@ def find_massive_activations(
         finally:
             for recorder in recorders:
                 recorder.remove()
-    return _summarise(stats, magnitude_threshold, ratio_threshold)
+    report = _summarise(stats, magnitude_threshold, ratio_threshold)
+    with contextlib.suppress(ValueError):  # unknown attention kind: the plots say "layer"
+        report.causal = is_causal(model)
+    return report
 
 
 def _layer_stats(
@@ -156,11 +162,12 @@ def _layer_stats(
     mask = valid.to(out.device)
     abs_out = out.abs() * mask[..., None]  # padding never counts
     median = out.abs()[mask].median().item() if mask.any() else 0.0
-    _, flat = abs_out.flatten().topk(min(top_k, abs_out.numel()))
     top = []
-    for index in flat.tolist():
-        b, t, d = _unravel(index, out.shape)
-        top.append({"batch": b, "token": t, "feature": d, "value": round(out[b, t, d].item(), 3)})
+    for b in range(out.shape[0]):  # the top-k of every sequence, so one sequence cannot fill the list
+        _, flat = abs_out[b].flatten().topk(min(top_k, abs_out[b].numel()))
+        for index in flat.tolist():
+            t, d = divmod(index, out.shape[2])
+            top.append({"batch": b, "token": t, "feature": d, "value": round(out[b, t, d].item(), 3)})
     hits = ((abs_out > magnitude) & (abs_out > ratio * median)).nonzero().tolist()
     massive = [_classify(recorder, b, t, d, median, magnitude, ratio) for b, t, d in hits]
     return LayerActivationStats(layer=recorder.index, median=round(median, 5), top=top, massive=massive)
@@ -170,8 +177,8 @@ def _classify(recorder: _LayerRecorder, b: int, t: int, d: int, median: float, m
     value = recorder.output[b, t, d].item()
     origin, attention_delta, mlp_delta = "unknown", None, None
     carried = recorder.input is not None and abs(recorder.input[b, t, d].item()) > max(magnitude, ratio * median)
-    if carried:
-        origin = "residual"
+    if carried:  # the first layer's input is the embedding output
+        origin = "embeddings" if recorder.index == 0 else "residual"
     if recorder.input is not None and recorder.mid is not None and recorder.mid.shape == recorder.output.shape:
         attention_delta = recorder.mid[b, t, d].item() - recorder.input[b, t, d].item()
         mlp_delta = value - recorder.mid[b, t, d].item()
@@ -188,11 +195,6 @@ def _classify(recorder: _LayerRecorder, b: int, t: int, d: int, median: float, m
         attention_delta=None if attention_delta is None else round(attention_delta, 3),
         mlp_delta=None if mlp_delta is None else round(mlp_delta, 3),
     )
-
-
-def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, int, int]:
-    _, seq_len, dim = shape
-    return flat_index // (seq_len * dim), (flat_index // dim) % seq_len, flat_index % dim
 
 
 def _summarise(stats: list[LayerActivationStats], magnitude: float, ratio: float) -> MassiveActivationReport:

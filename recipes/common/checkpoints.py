@@ -40,7 +40,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def save_checkpoint(
     accelerator: Accelerator, run_dir: str | os.PathLike, step: int, state: dict[str, Any], limit: int | None = 1
 ) -> Path:
-    """Save the training state of ``step`` atomically and keep only the newest ``limit`` checkpoints (None: all).
+    """Save the training state of ``step`` atomically and keep ``limit`` checkpoints (None: all): this one and the
+    newest others.
 
     Every process must call it (``save_state`` synchronises); only the main process writes the counters, renames
     and prunes.
@@ -58,7 +59,9 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         if limit is not None and limit > 0:
-            for old in checkpoint_dirs(run_dir)[:-limit]:
+            # the one just written always stays (a resumed run may find newer ones left by the run it resumes)
+            others = [path for path in checkpoint_dirs(run_dir) if path != final]
+            for old in others[: max(0, len(others) - (limit - 1))]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+
+from ...registration import peft_type_member
 
 PEFT_TYPE_NAME = "SINK_DECORRELATION"
+SINK_DECORRELATION_PEFT_TYPE = peft_type_member(PEFT_TYPE_NAME)
 
 
 def _jsonable(value: Any) -> Any:
@@ -25,11 +28,12 @@ def _jsonable(value: Any) -> Any:
 class SinkDecorrelationConfig(PeftConfig):
     """Configuration of [`SinkDecorrelationModel`]: an inner PEFT method trained with a BOS-decorrelation loss.
 
-    The wrapper adds ``weight * L_decor`` to the causal-LM loss, where ``L_decor`` is the mean over the chosen decoder
-    layers and the selected tokens of ``cos(h[BOS], h[t])**2`` (see ``loss.py``), following "Mitigating Attention Sinks
-    and Massive Activations in Audio-Visual Speech Recognition with LLMs" (arXiv 2510.22603). The inner config (LoRA or
-    any other non-prompt PEFT method) decides which adapters exist and are trained; it is stored inside this config's
-    ``adapter_config.json`` and rebuilt on load.
+    The wrapper adds ``weight * L_decor`` to the causal-LM loss, where ``L_decor`` is, per sequence, the mean over the
+    chosen decoder layers and its selected tokens of ``cos(h[BOS], h[t])**2``, weighted over the sequences like the
+    model's own loss (see ``loss.py``), following "Mitigating Attention Sinks and Massive Activations in Audio-Visual
+    Speech Recognition with LLMs" (arXiv 2510.22603). The inner config (LoRA or any other non-prompt PEFT method)
+    decides which adapters exist and are trained; it is stored inside this config's ``adapter_config.json`` and
+    rebuilt on load.
 
     Example:
         ```py
@@ -39,8 +43,8 @@ class SinkDecorrelationConfig(PeftConfig):
         >>> out = model(input_ids=ids, attention_mask=mask, labels=labels)  # out.loss = CE + 0.1 * L_decor
         ```
 
-    The reference implementation's selection (all layers but the last, non-output tokens only) is
-    ``layers="all_but_last", tokens="prefix"``.
+    The reference implementation's loss (all layers but the last, the tokens between BOS and the transcript, pooled
+    over the micro-batch) is ``layers="all_but_last", tokens="reference", reduction="tokens"``.
     """
 
     base_config: PeftConfig | dict | None = field(
@@ -52,7 +56,11 @@ class SinkDecorrelationConfig(PeftConfig):
         },
     )
     weight: float = field(
-        default=0.1, metadata={"help": "lambda: the total loss is CE + weight * decorrelation loss. 0 disables it."}
+        default=0.1,
+        metadata={
+            "help": "lambda: the total loss is CE + weight * decorrelation loss. 0 disables it. The reference code "
+            "uses 1e4 with its own reduction; see the README for the loss scale."
+        },
     )
     layers: str | list[int] = field(
         default="all",
@@ -64,11 +72,22 @@ class SinkDecorrelationConfig(PeftConfig):
     form: Literal["squared", "abs"] = field(
         default="squared", metadata={"help": "Penalty on the cosine: 'squared' (cos**2, default) or 'abs' (|cos|)."}
     )
-    tokens: Literal["all", "prefix"] = field(
+    tokens: Literal["all", "prefix", "reference"] = field(
         default="all",
         metadata={
-            "help": "Tokens compared with BOS: 'all' valid tokens, or 'prefix' = valid tokens whose label is -100 "
-            "(modality tokens, delimiters, prompt; the reference code's choice). Needs labels."
+            "help": "Tokens compared with BOS: 'all' valid tokens; 'prefix' = valid tokens whose label is -100 "
+            "(modality tokens, delimiters, prompt; also padding when no attention_mask is passed); 'reference' = "
+            "the reference code's positions: those after BOS and before the first label that is not -100. "
+            "'prefix' and 'reference' need labels."
+        },
+    )
+    reduction: Literal["sample", "tokens"] = field(
+        default="sample",
+        metadata={
+            "help": "'sample' (default): each sequence's mean over its selected tokens and the chosen layers, "
+            "weighted like the model's own loss (exact under gradient accumulation and several processes); "
+            "'tokens': the reference code's mean over all selected tokens of the micro-batch, per layer (not "
+            "invariant under gradient accumulation or several processes)."
         },
     )
     bos: Literal["token", "first"] = field(
@@ -91,7 +110,7 @@ class SinkDecorrelationConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType[PEFT_TYPE_NAME]
+        self.peft_type = SINK_DECORRELATION_PEFT_TYPE
         if isinstance(self.base_config, dict):
             self.base_config = PeftConfig.from_peft_type(**self.base_config)
         if self.base_config is not None:
@@ -101,6 +120,10 @@ class SinkDecorrelationConfig(PeftConfig):
                 raise ValueError("base_config must inject adapter layers (e.g. LoRA), not prompt learning.")
             if self.base_config.peft_type == PEFT_TYPE_NAME:
                 raise ValueError("base_config cannot itself be a SinkDecorrelationConfig.")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
+            raise TypeError(f"weight must be a number, got {self.weight!r}.")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"weight must be a finite number >= 0, got {self.weight}.")
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}.")
         if isinstance(self.layers, str):
@@ -112,8 +135,10 @@ class SinkDecorrelationConfig(PeftConfig):
                 raise ValueError(f"layers must be a non-empty list of ints, got {self.layers!r}.")
         if self.form not in ("squared", "abs"):
             raise ValueError(f"form must be 'squared' or 'abs', got {self.form!r}.")
-        if self.tokens not in ("all", "prefix"):
-            raise ValueError(f"tokens must be 'all' or 'prefix', got {self.tokens!r}.")
+        if self.tokens not in ("all", "prefix", "reference"):
+            raise ValueError(f"tokens must be 'all', 'prefix' or 'reference', got {self.tokens!r}.")
+        if self.reduction not in ("sample", "tokens"):
+            raise ValueError(f"reduction must be 'sample' or 'tokens', got {self.reduction!r}.")
         if self.bos not in ("token", "first"):
             raise ValueError(f"bos must be 'token' or 'first', got {self.bos!r}.")
 

@@ -1,16 +1,19 @@
-"""The BOS-decorrelation loss and the token bookkeeping it needs (BOS position, valid tokens).
+"""The BOS-decorrelation loss and the token bookkeeping it needs (BOS position, selected tokens).
 
-For a hidden state ``h`` of shape ``(B, T, D)`` at one layer, the BOS row ``b`` of each sequence and a boolean mask
-``m`` of the tokens that enter the loss (valid, not BOS), the per-layer loss is
+For a hidden state ``h`` of shape ``(B, T, D)`` at one layer, the BOS row ``bos_b`` of each sequence and a boolean
+mask ``m`` of the tokens that enter the loss (selected, not BOS), the per-sequence, per-layer sum is
 
-    L_l = sum_{b,t} m[b, t] * f(cos(h[b, bos_b], h[b, t])) / sum_{b,t} m[b, t],   f = x**2 ("squared") or |x| ("abs"),
+    S_l[b] = sum_t m[b, t] * f(cos(h[b, bos_b], h[b, t])),   f = x**2 ("squared") or |x| ("abs"),
 
-i.e. a mean over all selected tokens of the batch; the decorrelation loss is the mean of ``L_l`` over the chosen
-layers.
+and ``n[b] = sum_t m[b, t]``. ``reduction="sample"`` gives every sequence its own term
+``L[b] = mean_l S_l[b] / n[b]`` (0 when ``n[b] = 0``), which depends on that sequence only, so that weighting it like
+the model's own loss is exact under gradient accumulation and several processes; ``reduction="tokens"`` is the
+reference code's ``mean_l sum_b S_l[b] / sum_b n[b]``, a mean over all selected tokens of the micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -83,18 +86,36 @@ def find_bos_positions(
     return is_bos.int().argmax(dim=1)
 
 
+Tokens = Literal["all", "prefix", "reference"]
+
+
+def reference_prefix_mask(labels: torch.Tensor, bos_positions: torch.Tensor) -> torch.Tensor:
+    """The reference code's selection: the positions after BOS and before the first label that is not -100.
+
+    In the reference layout ``[BOS, modality tokens, prompt, transcript, EOS]`` these are positions
+    ``1 .. number of prompt tokens``; trailing padding (label -100 after the transcript) is never selected, with or
+    without an attention mask. A sequence without any target label selects nothing.
+    """
+    positions = torch.arange(labels.shape[1], device=labels.device)[None, :]
+    after_bos = positions > bos_positions.to(labels.device)[:, None]
+    targets = (labels != -100) & after_bos
+    first_target = torch.where(targets.any(dim=1), targets.int().argmax(dim=1), 0)
+    return after_bos & (positions < first_target[:, None])
+
+
 def decorrelation_token_mask(
     valid: torch.Tensor,
     bos_positions: torch.Tensor,
-    tokens: Literal["all", "prefix"] = "all",
+    tokens: Tokens = "all",
     labels: torch.Tensor | None = None,
     decorrelation_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean ``(B, T)`` mask of the tokens compared with BOS: valid, not BOS, and selected by ``tokens``.
 
     ``tokens="all"`` keeps every valid token (SPEC default); ``tokens="prefix"`` keeps the non-output tokens, i.e.
-    those with ``labels == -100`` (modality tokens, delimiters, prompt: the reference implementation's choice).
-    ``decorrelation_mask`` (bool ``(B, T)``) replaces the ``tokens`` rule when given.
+    those with ``labels == -100`` (modality tokens, delimiters, prompt; without an attention mask also trailing
+    padding, whose label is -100 too); ``tokens="reference"`` keeps exactly the reference code's positions (see
+    ``reference_prefix_mask``). ``decorrelation_mask`` (bool ``(B, T)``) replaces the ``tokens`` rule when given.
     """
     mask = valid.clone()
     if decorrelation_mask is not None:
@@ -103,12 +124,17 @@ def decorrelation_token_mask(
                 f"decorrelation_mask has shape {tuple(decorrelation_mask.shape)}, expected {tuple(valid.shape)}."
             )
         mask &= decorrelation_mask.to(valid.device).bool()
-    elif tokens == "prefix":
+    elif tokens in ("prefix", "reference"):
         if labels is None:
-            raise ValueError("tokens='prefix' selects the tokens whose label is -100: pass labels= to forward().")
-        mask &= labels.to(valid.device) == -100
+            raise ValueError(
+                f"tokens={tokens!r} selects tokens by their labels, but this call has no labels: pass labels= to "
+                "forward() (transformers' Trainer removes them when label smoothing or compute_loss_func is set; "
+                "use tokens='all' or decorrelation_mask= there)."
+            )
+        labels = labels.to(valid.device)
+        mask &= (labels == -100) if tokens == "prefix" else reference_prefix_mask(labels, bos_positions)
     elif tokens != "all":
-        raise ValueError(f"tokens must be 'all' or 'prefix', got {tokens!r}.")
+        raise ValueError(f"tokens must be 'all', 'prefix' or 'reference', got {tokens!r}.")
     mask[torch.arange(valid.shape[0], device=valid.device), bos_positions] = False
     return mask
 
@@ -156,16 +182,50 @@ def cosine_to_bos(hidden: torch.Tensor, bos_positions: torch.Tensor, eps: float 
     Computed in the hidden state's own dtype without autocast (float32 norms and cosines), so no ``(B, T, D)`` copy
     is kept for backward; the backward is fused (see ``_CosineToBos``).
     """
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
+    device_type = hidden.device.type
+    no_autocast = (
+        torch.autocast(device_type=device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
         return _CosineToBos.apply(hidden, bos_positions.to(hidden.device), eps)
+
+
+def layer_penalty_sums(
+    hidden: torch.Tensor, bos_positions: torch.Tensor, token_mask: torch.Tensor, form: Form = "squared"
+) -> torch.Tensor:
+    """``S[b] = sum_t mask[b, t] * f(cos(h[b, bos_b], h[b, t]))``, shape ``(B,)``, on ``hidden``'s device.
+
+    ``bos_positions`` and ``token_mask`` are moved to ``hidden``'s device, so layers spread over several devices
+    (``device_map="auto"``) each compute their term where their output lives.
+    """
+    cos = cosine_to_bos(hidden, bos_positions)
+    values = cos.square() if form == "squared" else cos.abs()
+    # an empty mask gives 0 that is still attached to the graph, so backward and DDP see the same parameters
+    return (values * token_mask.to(device=values.device, dtype=values.dtype)).sum(dim=1)
+
+
+def reduce_layer_sums(
+    layer_sums: list[torch.Tensor], counts: torch.Tensor, reduction: Literal["sample", "tokens"] = "sample"
+) -> torch.Tensor:
+    """Combine per-layer ``S_l`` (each ``(B,)``) with the per-sequence token counts ``n`` (``(B,)``).
+
+    ``"sample"`` returns the ``(B,)`` per-sequence terms ``mean_l S_l[b] / n[b]``; ``"tokens"`` returns the scalar
+    ``mean_l sum_b S_l[b] / sum_b n[b]``. Everything is moved to ``counts``' device.
+    """
+    sums = torch.stack([s.to(counts.device) for s in layer_sums])  # L, B
+    counts = counts.to(sums.dtype)
+    if reduction == "sample":
+        return sums.mean(dim=0) / counts.clamp_min(1.0)
+    if reduction == "tokens":
+        return (sums.sum(dim=1) / counts.sum().clamp_min(1.0)).mean()
+    raise ValueError(f"reduction must be 'sample' or 'tokens', got {reduction!r}.")
 
 
 def layer_decorrelation_loss(
     hidden: torch.Tensor, bos_positions: torch.Tensor, token_mask: torch.Tensor, form: Form = "squared"
 ) -> torch.Tensor:
-    """Mean of ``cos**2`` (or ``|cos|``) to BOS over the tokens in ``token_mask``; 0 when the mask is empty."""
-    cos = cosine_to_bos(hidden, bos_positions)
-    values = cos.square() if form == "squared" else cos.abs()
-    weights = token_mask.to(values.dtype)
-    # an empty mask gives 0 that is still attached to the graph, so backward and DDP see the same parameters
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+    """Mean of ``cos**2`` (or ``|cos|``) to BOS over all tokens in ``token_mask``; 0 when the mask is empty."""
+    sums = layer_penalty_sums(hidden, bos_positions, token_mask, form)
+    return sums.sum() / token_mask.sum().to(device=sums.device, dtype=sums.dtype).clamp_min(1.0)

@@ -1,35 +1,26 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar
 
 import torch
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ...utils.hooks import install_model_hooks
+from ...utils.loss_terms import add_to_loss, forward_arguments, loss_context, sample_weights, warn_once
+from ...utils.model_introspection import bos_token_id, find_decoder_layers, resolve_layer_indices
+from ...utils.peft_internals import inject_inner_adapter
+from .calls import CallRegistry, SinkCall, check_gradient_checkpointing
 from .config import SinkDecorrelationConfig
-from .layers import find_decoder_layers, resolve_layer_indices
-from .loss import decorrelation_token_mask, find_bos_positions, layer_decorrelation_loss, valid_token_mask
+from .loss import decorrelation_token_mask, find_bos_positions, reduce_layer_sums, valid_token_mask
 
 # forward() keyword arguments consumed by the wrapper (removed before the transformers model sees them)
 EXTRA_FORWARD_ARGS = ("bos_positions", "decorrelation_mask")
-
-
-@dataclass
-class _PendingLoss:
-    """What one training forward needs between the pre-hook, the layer hooks and the post-hook."""
-
-    config: SinkDecorrelationConfig
-    indices: list[int]
-    bos_positions: torch.Tensor
-    token_mask: torch.Tensor
-    has_labels: bool
-    layer_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+# forward() arguments that carry a KV cache (transformers 5.24 calls it ``cache``, earlier releases
+# ``past_key_values``): a call with a cache is a decoding step and never computes the loss
+CACHE_ARGS = ("cache", "past_key_values")
 
 
 class SinkDecorrelationModel(BaseTuner):
@@ -44,18 +35,24 @@ class SinkDecorrelationModel(BaseTuner):
           peft 0.21 work unchanged, and the saved tensors have the inner method's usual keys. This tuner owns no
           parameters.
         * The loss is attached with a forward pre-hook and a forward hook on the transformers model, so it is applied
-          whichever way the model is called (``PeftModel``, ``PeftModelForCausalLM``, ``Trainer``, DDP). Only in
-          training mode with ``weight > 0`` and adapters enabled does the pre-hook register forward hooks on the chosen
-          decoder layers; they compute each layer's loss from the layer output as it is produced (no
-          ``output_hidden_states``) and are removed after the forward. In eval mode and in ``generate`` no layer hook
-          exists.
+          whichever way the model is called (``PeftModel``, ``Trainer``, accelerate, DDP, ``nn.DataParallel``). Only
+          in training mode with ``weight > 0``, adapters enabled and no KV cache passed (so never on ``generate``'s
+          steps) does the pre-hook register forward hooks on the chosen decoder layers, for this call and this thread
+          only; they compute each layer's term from the layer output as it is produced, on that output's device, and
+          are removed when the forward ends, also when it raised.
+        * With ``reduction="sample"`` (default) every sequence gets its own term, added as
+          ``sum_b w_b * L[b]`` with the weights of ``peft_gnnmoe.utils.loss_terms.sample_weights`` (the model's own
+          normalisation: ``num_items_in_batch`` under Trainer), so gradient accumulation and several processes give
+          the gradients of one big batch.
         * ``forward`` accepts two extra keyword arguments: ``bos_positions`` (int or ``(B,)`` tensor, e.g. for
           multimodal ``inputs_embeds`` where BOS is not at a known token id) and ``decorrelation_mask`` (bool
           ``(B, T)``: the tokens to compare with BOS, replacing ``config.tokens``).
 
-    Outputs: ``out.loss`` is the total; ``out.ce_loss`` and ``out.decorrelation_loss`` hold the parts (also on
-    ``model.last_loss_parts``, detached, with the per-layer values). Without labels ``out.loss`` stays None and only
-    the parts are set. Batches without any selected token give a decorrelation loss of 0.
+    Outputs: ``out.loss`` is the total; ``out.ce_loss`` and ``out.decorrelation_loss`` hold the parts
+    (``out.loss = out.ce_loss + weight * out.decorrelation_loss``; also on ``model.last_loss_parts``, detached, with
+    the per-layer and per-sequence values, from the latest call). An output without a loss (no labels, or labels
+    removed by Trainer's label smoothing / ``compute_loss_func``) gets only the parts, with a warning, as does a batch
+    in which no sequence has a selected token.
 
     Example:
         ```py
@@ -77,9 +74,8 @@ class SinkDecorrelationModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: SinkDecorrelationConfig, adapter_name: str) -> None:
         if "_model_hooks" not in self.__dict__:
             self._model_hooks: list[RemovableHandle] = []
-            self._layer_hooks: list[RemovableHandle] = []
+            self._calls = CallRegistry()
             self._layer_paths: dict[str, str] = {}
-            self._pending: _PendingLoss | None = None
             self._loss_enabled = True
             self.last_loss_parts: dict[str, Any] = {}
 
@@ -103,7 +99,7 @@ class SinkDecorrelationModel(BaseTuner):
         had_adapters = any(isinstance(m, BaseTunerLayer) for m in model.modules())
         if config.base_config is not None:
             config.base_config.inference_mode = config.inference_mode
-            inner = _inject_inner_adapter(config.base_config, model, adapter_name, low_cpu_mem_usage, state_dict)
+            inner = inject_inner_adapter(config.base_config, model, adapter_name, low_cpu_mem_usage, state_dict)
             self.targeted_module_names.extend(n for n in inner if n not in self.targeted_module_names)
         elif not had_adapters:
             for param in model.parameters():
@@ -113,10 +109,7 @@ class SinkDecorrelationModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SinkDecorrelationConfig, adapter_name: str) -> None:
         if not self._model_hooks:
-            self._model_hooks = [
-                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                model.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
-            ]
+            self._model_hooks = install_model_hooks(model, self._before_forward, self._after_forward)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -141,9 +134,10 @@ class SinkDecorrelationModel(BaseTuner):
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _remove_hooks(self) -> None:
-        for handle in self._model_hooks + self._layer_hooks:
+        for handle in self._model_hooks:
             handle.remove()
-        self._model_hooks, self._layer_hooks, self._pending = [], [], None
+        self._model_hooks = []
+        self._calls.finish_all()
 
     # ---- the loss --------------------------------------------------------------------------------------------------
 
@@ -157,112 +151,114 @@ class SinkDecorrelationModel(BaseTuner):
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         extra = {name: kwargs.pop(name) for name in EXTRA_FORWARD_ARGS if name in kwargs}
-        for handle in self._layer_hooks:  # left over by a forward that raised
-            handle.remove()
-        self._layer_hooks, self._pending = [], None
+        self._calls.finish()  # a call of this thread that never reached the post-hook
         active = self._active_config()
         if active is None or not (module.training and self._loss_enabled and active[1].weight > 0):
             return args, kwargs
         adapter_name, config = active
+        inputs = forward_arguments(module, args, kwargs)
+        if any(inputs.get(name) is not None for name in CACHE_ARGS):
+            # a decoding step (generate) or a continuation of a cached sequence: no loss
+            if inputs.get("labels") is not None:
+                warn_once(
+                    self,
+                    "cache",
+                    "a training call with labels and a KV cache (cache= / past_key_values=) is treated as a decoding "
+                    "step: the decorrelation term is not added. Call the model without a cache to train with it.",
+                )
+            return args, kwargs
 
-        inputs = _bind_forward_inputs(module, args, kwargs)
         input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
         reference = input_ids if input_ids is not None else embeds
         if reference is None:
             raise ValueError("the decorrelation loss needs input_ids or inputs_embeds.")
         batch_size, seq_len = reference.shape[:2]
         valid = valid_token_mask(inputs.get("attention_mask"), batch_size, seq_len, reference.device)
-        bos_token_id = config.bos_token_id
-        if bos_token_id is None:
-            bos_token_id = getattr(_text_config(module), "bos_token_id", None)
         bos_positions = find_bos_positions(
-            valid, input_ids, bos_token_id, config.bos, bos_positions=extra.get("bos_positions")
+            valid,
+            input_ids,
+            bos_token_id(module, config.bos_token_id),
+            config.bos,
+            bos_positions=extra.get("bos_positions"),
         )
         token_mask = decorrelation_token_mask(
             valid, bos_positions, config.tokens, inputs.get("labels"), extra.get("decorrelation_mask")
         )
-
+        if not bool(token_mask.any()):
+            warn_once(
+                self,
+                "empty_selection",
+                f"the decorrelation loss selects no token in any sequence of this batch (tokens={config.tokens!r}), "
+                "so it adds 0. With tokens='prefix'/'reference' the labels must be -100 on the prompt tokens "
+                "(DataCollatorForLanguageModeling sets -100 only on padding); use tokens='all' or pass "
+                "decorrelation_mask=.",
+            )
         layers = module.get_submodule(self._layer_paths[adapter_name])
         indices = resolve_layer_indices(config.layers, len(layers))
-        has_labels = inputs.get("labels") is not None
-        self._pending = _PendingLoss(config, indices, bos_positions, token_mask, has_labels)
-        self._layer_hooks = [layers[i].register_forward_hook(partial(self._capture_layer, i)) for i in indices]
+        check_gradient_checkpointing(layers, indices)
+        call = SinkCall(config, indices, bos_positions, token_mask, loss_context(module, args, kwargs))
+        self._calls.start(call, layers)
         return args, kwargs
 
-    def _capture_layer(self, index: int, module: nn.Module, args: tuple, output: Any) -> None:
-        pending = self._pending
-        if pending is None or index in pending.layer_losses:
-            return
-        hidden = output[0] if isinstance(output, (tuple, list)) else output  # B, T, D residual stream
-        pending.layer_losses[index] = layer_decorrelation_loss(
-            hidden, pending.bos_positions, pending.token_mask, pending.config.form
-        )
-
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        pending, self._pending = self._pending, None
-        for handle in self._layer_hooks:
-            handle.remove()
-        self._layer_hooks = []
-        if pending is None or output is None:
+        call = self._calls.finish()
+        if call is None or output is None:
             return None
-        missing = sorted(set(pending.indices) - set(pending.layer_losses))
+        missing = sorted(set(call.indices) - set(call.layer_sums))
         if missing:
             raise RuntimeError(f"decoder layers {missing} did not run in this forward; cannot compute their loss.")
-        decor = torch.stack([pending.layer_losses[i] for i in pending.indices]).mean()
-        is_tuple = isinstance(output, tuple)
-        ce = output[0] if is_tuple and pending.has_labels else None
-        if not is_tuple:
-            ce = getattr(output, "loss", None)
-        total = None if ce is None else ce + pending.config.weight * decor.to(ce.dtype)
+        config = call.config
+        counts = call.token_mask.sum(dim=1)
+        layer_sums = [call.layer_sums[i] for i in call.indices]
+        if config.reduction == "sample":
+            per_sample = reduce_layer_sums(layer_sums, counts, "sample")
+            weights = sample_weights(call.context, module, per_sample.shape[0], per_sample.device)
+            decor = (weights * per_sample).sum()
+            per_layer = [(weights * s.to(counts.device) / counts.clamp_min(1)).sum() for s in layer_sums]
+        else:
+            if call.context.num_items_in_batch is not None:
+                warn_once(
+                    self,
+                    "tokens_reduction",
+                    "reduction='tokens' (the reference code's mean over the micro-batch's tokens) is added at full "
+                    "weight to every micro-batch: under gradient accumulation or several processes its weight "
+                    "changes with their number. Use reduction='sample' for gradients independent of them.",
+                )
+            per_sample = None
+            decor = reduce_layer_sums(layer_sums, counts, "tokens")
+            per_layer = [reduce_layer_sums([s], counts, "tokens") for s in layer_sums]
+
+        ce = _loss_of(output)
+        if ce is not None:
+            decor = decor.to(ce.device)  # the loss may live on another device than the inputs (device_map="auto")
+        output, added = add_to_loss(output, config.weight * decor)
+        if not added:
+            warn_once(
+                self,
+                "no_loss",
+                "the model output has no loss (no labels, or Trainer removed them for label smoothing or "
+                "compute_loss_func), so the decorrelation term was not added to any loss. Add "
+                "`weight * out.decorrelation_loss` to your loss yourself, or pass labels.",
+            )
+        total = _loss_of(output) if added else None
         self.last_loss_parts = {
             "loss": None if total is None else total.detach(),
             "ce_loss": None if ce is None else ce.detach(),
             "decorrelation_loss": decor.detach(),
-            "weight": pending.config.weight,
-            "per_layer": {i: pending.layer_losses[i].detach() for i in pending.indices},
+            "weight": config.weight,
+            "per_layer": {i: v.detach() for i, v in zip(call.indices, per_layer)},
+            "per_sample": None if per_sample is None else per_sample.detach(),
         }
-        if is_tuple:
-            return output if total is None else (total,) + output[1:]
-        if total is not None:
-            output.loss = total
-        output.ce_loss = ce
-        output.decorrelation_loss = decor
+        if not isinstance(output, tuple):
+            output.ce_loss = ce
+            output.decorrelation_loss = decor
         return output
 
 
-def _inject_inner_adapter(
-    base_config, model: nn.Module, adapter_name: str, low_cpu_mem_usage: bool, state_dict
-) -> list[str]:
-    """Inject ``base_config``'s adapter layers into ``model`` with that method's own tuner; return targeted names."""
-    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(base_config.peft_type)
-    if tuner_cls is None:
-        raise ValueError(f"unknown inner PEFT type {base_config.peft_type!r}.")
-    if tuner_cls.uses_shared_state:
-        raise ValueError(f"{base_config.peft_type} keeps state on its tuner and cannot be used as base_config.")
-    # the inner tuner must not see (and extend) the outer peft_config dict that a previous adapter left on the model
-    outer_peft_config = model.__dict__.pop("peft_config", None)
-    try:
-        inner = tuner_cls(model, base_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-    finally:
-        model.__dict__.pop("peft_config", None)
-        if outer_peft_config is not None:
-            model.peft_config = outer_peft_config
-    return list(inner.targeted_module_names)
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
-def _bind_forward_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Name the forward arguments (``input_ids`` may come positionally)."""
-    if not args:
-        return kwargs
-    signature = _SIGNATURES.get(type(module))
-    if signature is None:
-        signature = _SIGNATURES[type(module)] = inspect.signature(module.forward)
-    return dict(signature.bind_partial(*args, **kwargs).arguments) | kwargs
+def _loss_of(output: Any) -> torch.Tensor | None:
+    """The loss a model output carries (``output.loss``, or a leading 0-d tensor of a tuple), or None."""
+    if isinstance(output, dict):
+        return output.get("loss")
+    if isinstance(output, tuple) and output and torch.is_tensor(output[0]) and output[0].dim() == 0:
+        return output[0]
+    return None

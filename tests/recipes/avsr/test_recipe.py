@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-sys.path.insert(0, str(RECIPES))
+from recipes.avsr.data.lrs3 import read_manifest
+from recipes.avsr.data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
+from recipes.avsr.train import main
 
-import avsr as A  # noqa: E402
-import avsr_data as D  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: `python -m recipes.avsr` runs from there
 
 SMALL = [
     "--corpus_train", "24", "--corpus_test", "4", "--encoder_pretrain_steps", "3", "--text_pretrain_steps", "3",
@@ -20,29 +20,36 @@ SMALL = [
 ]  # fmt: skip
 
 
-def test_help_runs_as_a_script():
-    out = subprocess.run([sys.executable, str(RECIPES / "avsr.py"), "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--decor_weight" in out.stdout and "--modality" in out.stdout
+def test_help_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "recipes.avsr", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    assert "--decor_weight" in out.stdout
+    assert "--modality" in out.stdout
 
 
 def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
     out = tmp_path / "run"
-    results = A.main(SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "3"])
+    results = main(SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "3"])
     res = json.loads((out / "avsr" / "results.json").read_text())
     assert res == json.loads(json.dumps(results["avsr"]))
-    assert 0 <= res["test"]["wer"] and res["test"]["n"] == 4 and "wer" in res["untrained"]
-    assert res["training"]["steps"] == 3 and res["skipped_files"]["count"] == 0
+    assert 0 <= res["test"]["wer"]
+    assert res["test"]["n"] == 4
+    assert "wer" in res["untrained"]
+    assert res["training"]["steps"] == 3
+    assert res["skipped_files"]["count"] == 0
     assert "| avsr |" in (out / "results.md").read_text()
     rows = [json.loads(line) for line in (out / "avsr" / "decodes.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(set(r) == {"uid", "ref", "hyp"} for r in rows)
+    assert len(rows) == 4
+    assert all(set(r) == {"uid", "ref", "hyp"} for r in rows)
     history = json.loads((out / "avsr" / "train_log.json").read_text())
-    assert [h["step"] for h in history] == [1, 2, 3] and all(h["loss"] > 0 for h in history)
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert all(h["loss"] > 0 for h in history)
     adapter = out / "avsr" / "final" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert any("lora_A" in k for k in load_file(adapter / "adapter_model.safetensors"))
     projectors = load_file(out / "avsr" / "final" / "projectors.safetensors")
     assert {k.split(".")[0] for k in projectors} == {"audio_proj", "video_proj"}
-    assert len(D.read_manifest(out / "manifest_test.jsonl")) == 4
+    assert len(read_manifest(out / "manifest_test.jsonl")) == 4
     # the embedded base models were saved as transformers checkpoints and are reused by the next run
     assert all((out / "base_models" / n / "config.json").is_file() for n in ("llm", "audio_encoder", "video_encoder"))
 
@@ -57,14 +64,15 @@ def test_resume_continues_exactly(tmp_path):
     out = tmp_path / "run"
     common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "6", "--grad_accum", "2",
                       "--save_every", "2", "--no-eval_untrained", "--lora_dropout", "0.1"]  # fmt: skip
-    A.main(common)
+    main(common)
     straight = _final_weights(out / "asr")
     log = json.loads((out / "asr" / "train_log.json").read_text())
     assert (out / "asr" / "checkpoints" / "step_4" / "trainer_state.json").is_file()
     assert not list((out / "asr" / "checkpoints" / "step_4").glob("model*.safetensors"))  # no frozen weights saved
 
-    A.main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2")])
+    main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2"), "--checkpoints_total_limit", "1"])
     resumed = _final_weights(out / "asr")
+    assert [p.name for p in (out / "asr" / "checkpoints").iterdir()] == ["step_6"]  # the limit; no partial folder
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.allclose(straight[key], resumed[key], atol=1e-6), key
@@ -72,33 +80,60 @@ def test_resume_continues_exactly(tmp_path):
     assert [h["step"] for h in resumed_log] == [1, 2, 3, 4, 5, 6]
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(log, resumed_log))  # same losses after the resume
 
+    main(common + ["--resume", "latest"])  # step_6: nothing left to train, the same final weights again
+    latest = _final_weights(out / "asr")
+    for key in straight:
+        assert torch.equal(latest[key], resumed[key]), key
+    assert [h["step"] for h in json.loads((out / "asr" / "train_log.json").read_text())] == [1, 2, 3, 4, 5, 6]
+
+
+def _count_accelerators(monkeypatch) -> list:
+    """Record every ``Accelerator`` created (the real constructor still runs)."""
+    import accelerate
+
+    created = []
+    init = accelerate.Accelerator.__init__
+
+    def counting_init(self, *args, **kwargs):
+        created.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", counting_init)
+    return created
+
 
 def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
     out = tmp_path / "run"
-    cfg = D.SyntheticCorpusConfig(n_train=24, n_test=4, seed=0)
-    root = D.build_synthetic_corpus(out / "corpus", cfg)
+    cfg = SyntheticCorpusConfig(n_train=24, n_test=4, seed=0)
+    root = build_synthetic_corpus(out / "corpus", cfg)
     bad = sorted((root / "synth" / "synth_video" / "trainval").rglob("*.mp4"))[5]
     bad.write_bytes(b"\x00" * 100)
-    results = A.main(
-        SMALL + ["--output_dir", str(out), "--modality", "vsr", "--max_steps", "2", "--no-eval_untrained"]
-    )
+    results = main(SMALL + ["--output_dir", str(out), "--modality", "vsr", "--max_steps", "2", "--no-eval_untrained"])
     skipped = results["vsr"]["skipped_files"]
-    assert skipped["count"] == 1 and str(bad) in next(iter(skipped["examples"].values()))
+    assert skipped["count"] == 1
+    assert str(bad) in next(iter(skipped["examples"].values()))
 
 
-def test_sink_experiment_writes_table_and_plots(tmp_path):
+def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    A.main(SMALL + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr", "--sink_rates", "2", "4",
+    accelerators = _count_accelerators(monkeypatch)
+    main(SMALL + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr", "--sink_rates", "2", "4",
                     "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained"])  # fmt: skip
+    assert len(accelerators) == 1  # four runs, one Accelerator per process
     rows = json.loads((out / "sinks" / "sinks.json").read_text())
     assert [(r["rate"], r["decor_weight"]) for r in rows] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
     for r in rows:
-        assert -1 <= r["mean_bos_cosine"] <= 1 and r["intermediate_sinks_per_utt"] >= 0 and r["top_activation"] > 0
+        assert -1 <= r["mean_bos_cosine"] <= 1
+        assert r["intermediate_sinks_per_utt"] >= 0
+        assert r["top_activation"] > 0
     table = (out / "sinks" / "sinks.md").read_text()
-    assert table.count("\n| ") >= 5 and "mean BOS-cosine" in table
+    assert table.count("\n| ") >= 5
+    assert "mean BOS-cosine" in table
     plots = {p.name for p in (out / "sinks" / "plots").glob("*.png")}
-    assert "summary.png" in plots and "asr_rate4_decor0.5_attention_sinks.png" in plots
+    assert "summary.png" in plots
+    assert "asr_rate4_decor0.5_attention_sinks.png" in plots
     decor_log = json.loads((out / "sinks" / "asr_rate2_decor0.5" / "train_log.json").read_text())
-    assert all("decor" in h and "ce" in h for h in decor_log)  # the wrapped model reported both loss parts
+    assert all("decor" in h for h in decor_log)  # the wrapped model reported both loss parts
+    assert all("ce" in h for h in decor_log)
     plain_log = json.loads((out / "sinks" / "asr_rate2_decor0" / "train_log.json").read_text())
     assert all("decor" not in h for h in plain_log)

@@ -1,32 +1,36 @@
 """AVSR recipe model: downsampling, sequence layout and label masking, decorrelation on/off, encoders."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from recipes.avsr.data.collate import AVSRCollator
+from recipes.avsr.data.synthetic import GRAMMAR
+from recipes.avsr.lip_encoder import (
+    FrameWiseImageEncoder,
+    LipEncoderConfig,
+    LipEncoderModel,
+    load_video_encoder,
+    video_hidden_size,
+)
+from recipes.avsr.model import PROMPTS, SEG, AVSRModel, ModalityProjector
+from recipes.avsr.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
 
-import avsr_data as D  # noqa: E402
-import avsr_model as M  # noqa: E402
-
-WORDS = [w for ws in D.GRAMMAR.values() for w in ws]
+WORDS = [w for ws in GRAMMAR.values() for w in ws]
 
 
 @pytest.fixture(scope="module")
 def parts():
     torch.manual_seed(0)
-    tokenizer = M.build_word_tokenizer(WORDS)
-    audio_encoder, extractor = M.tiny_audio_encoder(seconds=2, d_model=32, layers=1, heads=2)
-    video_encoder = M.LipEncoderModel(M.LipEncoderConfig(stem_channels=4, channels=[8], hidden_size=24, num_layers=1))
+    tokenizer = build_word_tokenizer(WORDS)
+    audio_encoder, extractor = tiny_audio_encoder(seconds=2, d_model=32, layers=1, heads=2)
+    video_encoder = LipEncoderModel(LipEncoderConfig(stem_channels=4, channels=[8], hidden_size=24, num_layers=1))
     return tokenizer, audio_encoder, extractor, video_encoder
 
 
 def _llm(tokenizer, decor_weight: float = 0.0, **decor):
     torch.manual_seed(1)
-    llm = M.tiny_llm(tokenizer, hidden_size=32, layers=2, heads=2)
+    llm = tiny_llm(tokenizer, hidden_size=32, layers=2, heads=2)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     if decor_weight:
         from peft_gnnmoe.tuners.sink_decorrelation import SinkDecorrelationConfig
@@ -50,48 +54,50 @@ def _items(n_frames=(10, 7), texts=("place blue at f two now", "set red by q nin
     ]
 
 
-def _batch(extractor, items=None):
-    return D.AVSRCollator(extractor)(items or _items())
+def _batch(extractor, tokenizer, items=None):
+    return AVSRCollator(extractor, tokenizer)(items or _items())
 
 
 def test_projector_downsampling_shapes_and_values():
     x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)
     lengths = torch.tensor([7, 5])
-    stack = M.ModalityProjector(3, 16, rate=3, mode="stack", hidden=8)
+    stack = ModalityProjector(3, 16, rate=3, mode="stack", hidden=8)
     out, new = stack.downsample(x, lengths)
-    assert out.shape == (2, 3, 9) and new.tolist() == [3, 2]
+    assert out.shape == (2, 3, 9)
+    assert new.tolist() == [3, 2]
     assert torch.equal(out[0, 1], x[0, 3:6].reshape(-1))  # K consecutive frames concatenated
     assert torch.equal(out[1, 1], torch.cat([x[1, 3:5].reshape(-1), torch.zeros(3)]))  # padding frame zeroed
-    avg = M.ModalityProjector(3, 16, rate=3, mode="avg", hidden=8)
+    avg = ModalityProjector(3, 16, rate=3, mode="avg", hidden=8)
     out, new = avg.downsample(x, lengths)
-    assert out.shape == (2, 3, 3) and new.tolist() == [3, 2]
+    assert out.shape == (2, 3, 3)
+    assert new.tolist() == [3, 2]
     assert torch.allclose(out[1, 1], x[1, 3:5].mean(0))  # the mean over valid frames only
     assert torch.allclose(out[0, 2], x[0, 6])
     tokens, _ = stack(x, lengths)
     assert tokens.shape == (2, 3, 16)
     with pytest.raises(ValueError, match="rate"):
-        M.ModalityProjector(3, 16, rate=0)
+        ModalityProjector(3, 16, rate=0)
 
 
 @pytest.mark.parametrize("rates", [(1, 1), (4, 2), (8, 5)])
 def test_token_counts_follow_the_rates(parts, rates):
     tokenizer, audio_encoder, extractor, video_encoder = parts
-    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, *rates, projector_hidden=16)
-    batch = _batch(extractor)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, *rates, projector_hidden=16)
+    batch = _batch(extractor, tokenizer)
     seq = model.assemble(batch, with_transcript=False)
-    audio_tokens = (seq.segments == M.SEG["audio"]).sum(1)
-    video_tokens = (seq.segments == M.SEG["video"]).sum(1)
+    audio_tokens = (seq.segments == SEG["audio"]).sum(1)
+    video_tokens = (seq.segments == SEG["video"]).sum(1)
     assert audio_tokens.tolist() == [-(-20 // rates[0]), -(-14 // rates[0])]  # 50 Hz frames / rate, rounded up
     assert video_tokens.tolist() == [-(-10 // rates[1]), -(-7 // rates[1])]
 
 
 def test_sequence_layout_and_label_masking(parts):
     tokenizer, audio_encoder, extractor, video_encoder = parts
-    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, 4, 2, projector_hidden=16)
-    batch = _batch(extractor)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, 4, 2, projector_hidden=16)
+    batch = _batch(extractor, tokenizer)
     seq = model.assemble(batch, with_transcript=True)
-    S = M.SEG
-    prompt = tokenizer(M.PROMPTS["avsr"], add_special_tokens=False).input_ids
+    S = SEG
+    prompt = tokenizer(PROMPTS["avsr"], add_special_tokens=False).input_ids
     transcript = tokenizer(" " + batch["texts"][1], add_special_tokens=False).input_ids
     # utterance 1: 7 video frames -> 14 audio frames -> 4 audio tokens (rate 4), 4 video tokens (rate 2)
     expected = (
@@ -99,7 +105,8 @@ def test_sequence_layout_and_label_masking(parts):
         + [S["video_delim"]] + [S["prompt"]] * len(prompt) + [S["transcript"]] * len(transcript) + [S["eos"]]
     )  # fmt: skip
     n = len(expected)
-    assert seq.segments[1, :n].tolist() == expected and (seq.segments[1, n:] == S["pad"]).all()  # right padding
+    assert seq.segments[1, :n].tolist() == expected
+    assert (seq.segments[1, n:] == S["pad"]).all()  # right padding
     assert seq.attention_mask[1].tolist() == [1] * n + [0] * (seq.segments.shape[1] - n)
     # labels: -100 everywhere but the transcript and EOS, which carry their token ids
     scored = seq.labels[1] != -100
@@ -112,14 +119,16 @@ def test_sequence_layout_and_label_masking(parts):
     assert torch.equal(seq.inputs_embeds[1, 12], embed[tokenizer.convert_tokens_to_ids("</video>")])
     # decoding prefix: left-padded, ends with the prompt, no transcript
     prefix = model.assemble(batch, with_transcript=False, pad_left=True)
-    assert prefix.labels is None and prefix.segments[1, -1] == S["prompt"] and prefix.segments[1, 0] == S["pad"]
+    assert prefix.labels is None
+    assert prefix.segments[1, -1] == S["prompt"]
+    assert prefix.segments[1, 0] == S["pad"]
     assert not (prefix.segments == S["transcript"]).any()
 
 
 def test_loss_scores_only_transcript_tokens(parts):
     tokenizer, audio_encoder, extractor, video_encoder = parts
-    model = M.AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
-    batch = _batch(extractor)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    batch = _batch(extractor, tokenizer)
     out = model(batch)
     seq = model.assemble(batch, with_transcript=True)
     logits = model.llm(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask).logits
@@ -133,12 +142,12 @@ def test_loss_scores_only_transcript_tokens(parts):
 
 def test_decorrelation_on_and_off(parts):
     tokenizer, audio_encoder, extractor, _ = parts
-    batch = _batch(extractor)
-    plain = M.AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    batch = _batch(extractor, tokenizer)
+    plain = AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
     off = plain(batch)
     assert getattr(off, "decorrelation_loss", None) is None
 
-    wrapped = M.AVSRModel(_llm(tokenizer, 0.5, tokens="prefix"), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    wrapped = AVSRModel(_llm(tokenizer, 0.5, tokens="prefix"), tokenizer, "asr", audio_encoder, projector_hidden=16)
     wrapped.audio_proj.load_state_dict(plain.audio_proj.state_dict())
     wrapped.train()
     on = wrapped(batch)
@@ -155,28 +164,33 @@ def test_decorrelation_on_and_off(parts):
 
 def test_trainable_parameters_are_projectors_and_lora(parts):
     tokenizer, audio_encoder, extractor, video_encoder = parts
-    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert names and all(n.startswith(("audio_proj.", "video_proj.")) or "lora_" in n for n in names)
-    assert any("lora_A" in n for n in names) and any(n.startswith("video_proj.") for n in names)
+    assert names
+    assert all(n.startswith(("audio_proj.", "video_proj.")) or "lora_" in n for n in names)
+    assert any("lora_A" in n for n in names)
+    assert any(n.startswith("video_proj.") for n in names)
     model.train()
-    assert not model.audio_encoder.training and not model.video_encoder.training  # frozen encoders stay in eval
+    assert not model.audio_encoder.training
+    assert not model.video_encoder.training  # frozen encoders stay in eval
 
 
 def test_feature_cache_is_exact(parts):
     tokenizer, audio_encoder, extractor, video_encoder = parts
-    model = M.AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
-    batch = _batch(extractor)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
+    batch = _batch(extractor, tokenizer)
     reference = model.assemble(batch, with_transcript=True).inputs_embeds
     model.enable_feature_cache()
-    model.assemble(_batch(extractor, _items()[1:]), with_transcript=True)  # u1 cached from a batch of its own
+    model.assemble(
+        _batch(extractor, tokenizer, _items()[1:]), with_transcript=True
+    )  # u1 cached from a batch of its own
     cached = model.assemble(batch, with_transcript=True).inputs_embeds
     assert torch.allclose(cached, reference, atol=1e-5)
 
 
 def test_lip_encoder_saves_loads_and_ignores_padding(tmp_path):
     torch.manual_seed(0)
-    encoder = M.LipEncoderModel(M.LipEncoderConfig(stem_channels=4, channels=[8, 8], hidden_size=16, num_layers=1))
+    encoder = LipEncoderModel(LipEncoderConfig(stem_channels=4, channels=[8, 8], hidden_size=16, num_layers=1))
     encoder.eval()
     video = torch.randn(2, 9, 20, 20)
     video[1, 6:] = 0
@@ -186,17 +200,19 @@ def test_lip_encoder_saves_loads_and_ignores_padding(tmp_path):
     assert torch.allclose(out[1, :6], alone[0], atol=1e-5)  # the padded frames do not leak into valid ones
     encoder.save_pretrained(tmp_path / "lip")
     assert (tmp_path / "lip" / "model.safetensors").is_file()
-    loaded = M.load_video_encoder(str(tmp_path / "lip"))
-    assert isinstance(loaded, M.LipEncoderModel)
+    loaded = load_video_encoder(str(tmp_path / "lip"))
+    assert isinstance(loaded, LipEncoderModel)
     assert torch.allclose(loaded.eval()(video).last_hidden_state, encoder(video).last_hidden_state)
 
 
 def test_generate_returns_text(parts):
     tokenizer, _, _, video_encoder = parts
-    model = M.AVSRModel(_llm(tokenizer), tokenizer, "vsr", video_encoder=video_encoder, projector_hidden=16)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "vsr", video_encoder=video_encoder, projector_hidden=16)
     items = [{"uid": "a", "text": "x", "video": torch.randn(n, 16, 16).numpy()} for n in (6, 9)]
-    hyps = model.generate(D.AVSRCollator()(items), num_beams=3, max_new_tokens=5)
-    assert len(hyps) == 2 and all(isinstance(h, str) and len(h.split()) <= 5 for h in hyps)
+    hyps = model.generate(AVSRCollator()(items), num_beams=3, max_new_tokens=5)
+    assert len(hyps) == 2
+    assert all(isinstance(h, str) for h in hyps)
+    assert all(len(h.split()) <= 5 for h in hyps)
     assert all(w in tokenizer.get_vocab() for h in hyps for w in h.split())
 
 
@@ -206,6 +222,17 @@ def test_any_transformers_image_model_can_be_the_video_encoder(tmp_path):
     ResNetModel(
         ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
     ).save_pretrained(tmp_path / "resnet")
-    encoder = M.load_video_encoder(str(tmp_path / "resnet"))
-    assert isinstance(encoder, M.FrameWiseImageEncoder) and M.video_hidden_size(encoder) == 16
+    encoder = load_video_encoder(str(tmp_path / "resnet"))
+    assert isinstance(encoder, FrameWiseImageEncoder)
+    assert video_hidden_size(encoder) == 16
     assert encoder(torch.randn(2, 5, 32, 32)).last_hidden_state.shape == (2, 5, 16)  # one feature per frame
+
+
+def test_training_needs_the_transcript_ids_of_the_collator(parts):
+    tokenizer, audio_encoder, extractor, _ = parts
+    model = AVSRModel(_llm(tokenizer), tokenizer, "asr", audio_encoder, projector_hidden=16)
+    batch = AVSRCollator(extractor)(_items())  # no tokenizer: a decoding batch
+    assert "transcript_ids" not in batch
+    with pytest.raises(ValueError, match="AVSRCollator"):
+        model(batch)
+    assert model.assemble(batch, with_transcript=False).labels is None

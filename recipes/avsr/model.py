@@ -1,27 +1,25 @@
-"""Model for the AVSR recipe, in the Llama-AVSR style (SPEC §4).
+"""The AVSR model of the recipe, in the Llama-AVSR style (Cappellazzo et al., "Large Language Models are Strong
+Audio-Visual Speech Recognition Learners", ICASSP 2025, arXiv 2409.12319; code: umbertocappellazzo/Llama-AVSR).
 
-Frozen audio encoder (a transformers Whisper encoder) and frozen video encoder (lip frames) → per-modality projector
-that compresses time by a rate K (stack K frames or average them) → token sequence
+Frozen audio encoder (a transformers Whisper encoder) and frozen video encoder (lip frames, see
+:mod:`recipes.avsr.lip_encoder`) → per-modality projector that compresses time by a rate K (stack K frames or average
+them) → token sequence
 
     [BOS, <audio>, A…, </audio>, <video>, V…, </video>, prompt, transcript, EOS]
 
 fed as ``inputs_embeds`` to a frozen causal LM adapted with LoRA (optionally wrapped by sink decorrelation). Only the
-transcript and EOS are scored. The default video encoder is :class:`LipEncoderModel` (a 3-D conv stem, a small 2-D
-ResNet per frame and a temporal Transformer, the usual lip-reading front end); it saves and loads its weights as a
-transformers model (``save_pretrained``/``from_pretrained``, safetensors). Any transformers image model id can stand in
-for it (applied frame by frame, pooled).
+transcript and EOS are scored.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput
+
+from .lip_encoder import video_hidden_size
 
 PROMPTS = {
     "asr": "Transcribe speech to text.",
@@ -36,184 +34,6 @@ SEGMENTS = ("pad", "bos", "audio_delim", "audio", "video_delim", "video", "promp
 SEG = {name: i for i, name in enumerate(SEGMENTS)}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Video encoder
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class LipEncoderConfig(PreTrainedConfig):
-    """Configuration of :class:`LipEncoderModel`.
-
-    Args:
-        stem_channels: channels of the 3-D convolution over (time 5, 7, 7) on the grayscale frames.
-        channels: channels of each 2-D ResNet stage (each stage after the first halves the resolution).
-        hidden_size: width of the output features.
-        num_layers: temporal Transformer layers over the per-frame features (0 for none).
-        num_heads: attention heads of those layers.
-    """
-
-    model_type = "lip_encoder"
-
-    def __init__(
-        self,
-        stem_channels: int = 32,
-        channels: Sequence[int] = (32, 64),
-        hidden_size: int = 256,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        **kwargs,
-    ):
-        self.stem_channels = stem_channels
-        self.channels = list(channels)
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        super().__init__(**kwargs)
-
-
-class _BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.skip = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
-
-
-def sinusoids(length: int, dim: int) -> torch.Tensor:
-    """Sinusoidal position table ``[length, dim]``."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10_000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2], table[:, 1::2] = torch.sin(position * freq), torch.cos(position * freq[: dim // 2])
-    return table
-
-
-class LipEncoderModel(PreTrainedModel):
-    """Lip-reading front end: grayscale mouth frames ``[B, T, H, W]`` → features ``[B, T, hidden_size]``.
-
-    The layout of the visual front ends of Stafylakis & Tzimiropoulos (2017) and auto_avsr: Conv3d stem, ResNet
-    trunk applied per frame, global pooling, then a temporal Transformer.
-
-    Example:
-        >>> encoder = LipEncoderModel(LipEncoderConfig(hidden_size=64, num_layers=1))
-        >>> encoder(torch.randn(2, 10, 44, 44)).last_hidden_state.shape
-        torch.Size([2, 10, 64])
-    """
-
-    config_class = LipEncoderConfig
-    base_model_prefix = "lip_encoder"
-    main_input_name = "pixel_values"
-
-    def __init__(self, config: LipEncoderConfig):
-        super().__init__(config)
-        c0 = config.stem_channels
-        self.stem = nn.Sequential(
-            nn.Conv3d(1, c0, (5, 7, 7), (1, 2, 2), (2, 3, 3), bias=False),
-            nn.BatchNorm3d(c0),
-            nn.ReLU(),
-            nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1)),
-        )
-        stages, c_in = [], c0
-        for i, c_out in enumerate(config.channels):
-            stages.append(_BasicBlock(c_in, c_out, stride=1 if i == 0 else 2))
-            c_in = c_out
-        self.trunk = nn.Sequential(*stages)
-        self.proj = nn.Linear(c_in, config.hidden_size)
-        layer = nn.TransformerEncoderLayer(
-            config.hidden_size,
-            config.num_heads,
-            4 * config.hidden_size,
-            dropout=0.0,
-            batch_first=True,
-            norm_first=True,
-        )
-        self.temporal = (
-            nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False) if config.num_layers else None
-        )
-        self.norm = nn.LayerNorm(config.hidden_size)
-        self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-
-    def forward(self, pixel_values: torch.Tensor, lengths: torch.Tensor | None = None) -> BaseModelOutput:
-        b, t, h, w = pixel_values.shape
-        x = self.stem(pixel_values.unsqueeze(1))  # B, C, T, h', w'
-        x = x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[3], x.shape[4])  # B*T, C, h', w'
-        x = self.trunk(x).mean(dim=(2, 3)).view(b, t, -1)  # B, T, C
-        x = self.proj(x) + sinusoids(t, self.config.hidden_size).to(x)  # B, T, D
-        if self.temporal is not None:
-            pad = None if lengths is None else torch.arange(t, device=x.device)[None] >= lengths[:, None].to(x.device)
-            x = self.temporal(x, src_key_padding_mask=pad)
-        return BaseModelOutput(last_hidden_state=self.norm(x))
-
-
-class FrameWiseImageEncoder(nn.Module):
-    """Any transformers image model applied to each frame (grayscale repeated to its channels), pooled per frame."""
-
-    def __init__(self, model: PreTrainedModel):
-        super().__init__()
-        self.model = model
-        self.channels = getattr(model.config, "num_channels", 3)
-        self.config = model.config
-
-    @property
-    def hidden_size(self) -> int:
-        c = self.model.config
-        return getattr(c, "hidden_size", None) or c.hidden_sizes[-1]
-
-    def forward(self, pixel_values: torch.Tensor, lengths: torch.Tensor | None = None) -> BaseModelOutput:
-        b, t, h, w = pixel_values.shape
-        frames = pixel_values.reshape(b * t, 1, h, w).expand(-1, self.channels, -1, -1)
-        out = self.model(pixel_values=frames)
-        pooled = getattr(out, "pooler_output", None)
-        if pooled is None:
-            pooled = out.last_hidden_state.mean(dim=1)
-        return BaseModelOutput(last_hidden_state=pooled.reshape(b, t, -1))
-
-
-def load_video_encoder(name_or_path: str) -> nn.Module:
-    """A saved :class:`LipEncoderModel` directory, or any transformers image model (id or path) used frame by frame."""
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(name_or_path) if not _is_lip_dir(name_or_path) else None
-    if config is None:
-        return LipEncoderModel.from_pretrained(name_or_path)
-    return FrameWiseImageEncoder(AutoModel.from_pretrained(name_or_path))
-
-
-def _is_lip_dir(path: str) -> bool:
-    import json
-    import os
-
-    cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and json.load(open(cfg)).get("model_type") == LipEncoderConfig.model_type
-
-
-def video_hidden_size(encoder: nn.Module) -> int:
-    return encoder.hidden_size if isinstance(encoder, FrameWiseImageEncoder) else encoder.config.hidden_size
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Audio encoder
-# ---------------------------------------------------------------------------------------------------------------------
-
-
 def load_audio_encoder(name_or_path: str) -> tuple[nn.Module, object]:
     """The encoder of a Whisper checkpoint (full model or encoder-only save) and its feature extractor."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
@@ -225,11 +45,6 @@ def load_audio_encoder(name_or_path: str) -> tuple[nn.Module, object]:
     else:
         encoder = WhisperModel.from_pretrained(name_or_path).encoder
     return encoder, WhisperFeatureExtractor.from_pretrained(name_or_path)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Projector
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 class ModalityProjector(nn.Module):
@@ -276,32 +91,6 @@ class ModalityProjector(nn.Module):
         return self.mlp(out), new_lengths
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Tokenizer for the embedded LLM
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def build_word_tokenizer(words: Iterable[str]):
-    """A word-level ``PreTrainedTokenizerFast`` over ``words`` + the prompts' words + special tokens, built locally."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", *MODALITY_TOKENS]
-    prompt_words = {w for p in PROMPTS.values() for w in p.lower().replace(".", " .").split()}
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) | prompt_words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=MODALITY_TOKENS,
-    )
-
-
 def prepare_tokenizer(tokenizer) -> int:
     """Add the modality delimiters (and a pad token) to an LLM's tokenizer; returns how many tokens were added."""
     added = tokenizer.add_special_tokens({"additional_special_tokens": MODALITY_TOKENS})
@@ -312,11 +101,6 @@ def prepare_tokenizer(tokenizer) -> int:
             "the LLM's tokenizer needs a BOS and an EOS token (the sequence starts with BOS, ends with EOS)"
         )
     return added
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sequence layout
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -394,11 +178,6 @@ def assemble_sequences(
         if labels is not None:
             labels[i, sl] = label_rows[i]
     return SequenceBatch(embeds, mask, labels, segments)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 class AVSRModel(nn.Module):
@@ -520,12 +299,15 @@ class AVSRModel(nn.Module):
             video = self.video_proj(feats, lengths.to(feats.device))
         return audio, video
 
-    def tokenize_transcripts(self, texts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(" " + t if t else t, add_special_tokens=False).input_ids for t in texts]
-
     def assemble(self, batch: dict, with_transcript: bool, pad_left: bool = False) -> SequenceBatch:
+        """The batch as LLM input: the prefix, plus the transcript and EOS when ``with_transcript`` (training)."""
+        if with_transcript and "transcript_ids" not in batch:
+            raise ValueError(
+                "the batch has no transcript_ids; build its AVSRCollator with the LLM's tokenizer "
+                "(AVSRCollator(feature_extractor, tokenizer))"
+            )
         audio, video = self.encode(batch)
-        transcripts = self.tokenize_transcripts(batch["texts"]) if with_transcript else None
+        transcripts = batch["transcript_ids"] if with_transcript else None
         return assemble_sequences(
             self.llm.get_input_embeddings(), self.ids, self.prompt_ids, audio, video, transcripts, pad_left
         )
@@ -556,56 +338,3 @@ class AVSRModel(nn.Module):
     def projector_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable non-LLM weights (the projectors), for safetensors."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(("audio_proj.", "video_proj."))}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Small random-init models for the embedded default (stand-ins for Whisper, AV-HuBERT and Llama)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_audio_encoder(seconds: int = 4, d_model: int = 128, layers: int = 2, heads: int = 4):
-    """A random-init Whisper encoder taking ``seconds`` of audio (Whisper's fixed input length) and its extractor."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    mel_frames = int(seconds * 100)  # hop 160 at 16 kHz
-    config = WhisperConfig(
-        d_model=d_model,
-        encoder_layers=layers,
-        encoder_attention_heads=heads,
-        encoder_ffn_dim=4 * d_model,
-        decoder_layers=1,
-        decoder_attention_heads=heads,
-        decoder_ffn_dim=4 * d_model,
-        max_source_positions=mel_frames // 2,
-        init_std=0.08,  # keeps the random features' scale near the inputs' (Whisper's 0.02 shrinks them)
-    )
-    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=seconds)
-    return WhisperEncoder(config), extractor
-
-
-def tiny_video_encoder(hidden_size: int = 128, layers: int = 1) -> LipEncoderModel:
-    """A random-init :class:`LipEncoderModel`."""
-    return LipEncoderModel(
-        LipEncoderConfig(stem_channels=16, channels=[32, 64], hidden_size=hidden_size, num_layers=layers)
-    )
-
-
-def tiny_llm(tokenizer, hidden_size: int = 256, layers: int = 4, heads: int = 4):
-    """A random-init Llama-architecture causal LM sized for ``tokenizer``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=int(hidden_size * 8 / 3) // 32 * 32,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)

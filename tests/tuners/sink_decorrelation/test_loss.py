@@ -14,9 +14,8 @@ from peft_gnnmoe.tuners.sink_decorrelation import (
     find_bos_positions,
     layer_decorrelation_loss,
 )
-from peft_gnnmoe.tuners.sink_decorrelation.layers import find_decoder_layers, resolve_layer_indices
-
-from .test_sink_model import batch, make_lm, sink_model
+from peft_gnnmoe.tuners.sink_decorrelation.loss import layer_penalty_sums, reduce_layer_sums
+from peft_gnnmoe.utils.model_introspection import find_decoder_layers, resolve_layer_indices
 
 
 def _reference(hidden: list[torch.Tensor], mask: torch.Tensor, bos: list[int], form: str) -> float:
@@ -37,9 +36,10 @@ def _reference(hidden: list[torch.Tensor], mask: torch.Tensor, bos: list[int], f
 
 
 @pytest.mark.parametrize("form", ["squared", "abs"])
-def test_loss_equals_hand_computation(form):
+def test_loss_equals_hand_computation(form, make_lm, sink_model, lm_batch):
     model = sink_model(weight=0.3, layers=[0, 2], form=form)
-    data = batch(lengths=(7, 4), pad_side="left")
+    data = lm_batch(lengths=(7, 4), pad_side="left")
+    data["labels"][1, 3] = -100  # BOS's label: CE then counts 6 and 3 items, as many as the loss's tokens
     out = model(**data)
 
     # the same model without the wrapper: capture the two layers' outputs with plain hooks, compute CE the usual way
@@ -66,6 +66,19 @@ def test_layer_loss_on_constructed_vectors():
     assert mask.tolist() == [[False, True, True, True, False]]
     assert layer_decorrelation_loss(h, bos, mask, "squared").item() == pytest.approx((0.25 + 0 + 1) / 3)
     assert layer_decorrelation_loss(h, bos, mask, "abs").item() == pytest.approx((0.5 + 0 + 1) / 3)
+
+
+def test_sample_and_token_reductions_on_constructed_sums():
+    sums = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 2.0])]  # two layers, two sequences
+    counts = torch.tensor([2, 4])
+    # per sequence: mean over layers of S_l / n  ->  [(0.5 + 1.5) / 2, (0 + 0.5) / 2]
+    assert reduce_layer_sums(sums, counts, "sample").tolist() == [1.0, 0.25]
+    # reference: per layer sum_b S / sum_b n, then the mean over layers  ->  (1/6 + 5/6) / 2
+    assert reduce_layer_sums(sums, counts, "tokens").item() == pytest.approx(0.5)
+
+
+def test_a_sequence_without_tokens_gets_zero_not_nan():
+    assert reduce_layer_sums([torch.tensor([0.0, 2.0])], torch.tensor([0, 4]), "sample").tolist() == [0.0, 0.5]
 
 
 def test_find_bos_positions():
@@ -102,9 +115,10 @@ def test_layer_selection():
 
 
 @pytest.mark.parametrize(("arch", "path"), [("llama", "model.layers"), ("gpt2", "transformer.h")])
-def test_decoder_layers_are_found(arch, path):
+def test_decoder_layers_are_found(arch, path, make_lm):
     name, layers = find_decoder_layers(make_lm(arch))
-    assert name == path and len(layers) == 3
+    assert name == path
+    assert len(layers) == 3
     with pytest.raises(ValueError, match="does not exist"):
         find_decoder_layers(make_lm(arch), layers_module="no.such.layers")
 
@@ -128,4 +142,22 @@ def test_fused_cosine_backward_matches_autograd():
     assert cos.dtype == torch.float32
     torch.testing.assert_close(cos.double(), reference(hidden).detach(), atol=2e-2, rtol=0)
     (cos * weights.float()).sum().backward()
-    assert low.grad.dtype == torch.bfloat16 and torch.isfinite(low.grad).all()
+    assert low.grad.dtype == torch.bfloat16
+    assert torch.isfinite(low.grad).all()
+
+
+def test_layer_term_is_computed_on_the_hidden_states_device():
+    # device_map="auto": a layer's output may live on another device than the masks built from the inputs; "meta"
+    # stands in for that device (the check is about placement, so no values are needed)
+    hidden = torch.randn(2, 5, 4, device="meta")
+    bos, mask = torch.tensor([0, 1]), torch.ones(2, 5, dtype=torch.bool)
+    sums = layer_penalty_sums(hidden, bos, mask)
+    assert sums.device.type == "meta"
+    assert sums.shape == (2,)
+    assert layer_decorrelation_loss(hidden, bos, mask).device.type == "meta"
+
+
+def test_layer_terms_from_several_devices_are_combined_on_the_counts_device():
+    on_meta, on_cpu = torch.zeros(2, device="meta"), torch.tensor([1.0, 2.0])
+    counts = torch.tensor([1, 2], device="meta")
+    assert reduce_layer_sums([on_cpu, on_meta], counts, "sample").device.type == "meta"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sink_training_effect.py"
+_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "sink_training_effect.py"
 
 
 def _load_script():

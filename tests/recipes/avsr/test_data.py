@@ -1,14 +1,42 @@
 """AVSR recipe data: LRS3 layouts, decoding with real files, bad-file handling, bucketing, synthetic corpus."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-import avsr_data as D  # noqa: E402
+from recipes.avsr.data.collate import AVSRCollator, audio_frames, matching_video_rate
+from recipes.avsr.data.dataset import AVSRDataset, VideoTransform
+from recipes.avsr.data.loader import LengthBucketSampler
+from recipes.avsr.data.lrs3 import (
+    check_files,
+    detect_layout,
+    find_split_csv,
+    probe_frame_counts,
+    read_manifest,
+    scan_auto_avsr,
+    scan_raw_lrs3,
+    write_manifest,
+)
+from recipes.avsr.data.media import (
+    AUDIO_RATE,
+    SAMPLES_PER_FRAME,
+    AVSRDataError,
+    load_audio,
+    load_video,
+    write_video,
+    write_wav,
+)
+from recipes.avsr.data.synthetic import (
+    SPEAKERS,
+    EspeakNG,
+    SyntheticCorpusConfig,
+    build_synthetic_corpus,
+    mouth_trajectory,
+    phoneme_visemes,
+    render_mouth,
+)
+from recipes.avsr.stand_ins import build_word_tokenizer
 
 
 def _frames(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
@@ -20,7 +48,7 @@ def _frames(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
 
 
 def _tone(n_frames: int, freq: float = 440.0) -> np.ndarray:
-    t = np.arange(n_frames * D.SAMPLES_PER_FRAME) / D.AUDIO_RATE
+    t = np.arange(n_frames * SAMPLES_PER_FRAME) / AUDIO_RATE
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
@@ -35,9 +63,9 @@ def _auto_avsr_root(tmp_path: Path) -> Path:
         if i == 3:
             video.write_bytes(b"this is not an mp4 file")
         else:
-            D.write_video(video, _frames(n, seed=i))
+            write_video(video, _frames(n, seed=i))
         if i != 4:
-            D.write_wav(video.with_suffix(".wav"), _tone(n))
+            write_wav(video.with_suffix(".wav"), _tone(n))
         rows.append(f"lrs3,{rel},{n},12 34 56,HELLO WORLD {i}")
     (root / "labels").mkdir()
     (root / "labels" / "lrs3_train_transcript_lengths_seg24s.csv").write_text("\n".join(rows) + "\n")
@@ -46,52 +74,61 @@ def _auto_avsr_root(tmp_path: Path) -> Path:
 
 def test_auto_avsr_manifest_and_decoding(tmp_path):
     root = _auto_avsr_root(tmp_path)
-    assert D.detect_layout(root) == "auto_avsr"
-    csv_name = D.find_split_csv(root, "train")
-    utts = D.scan_auto_avsr(root, csv_name)
+    assert detect_layout(root) == "auto_avsr"
+    csv_name = find_split_csv(root, "train")
+    utts = scan_auto_avsr(root, csv_name)
     assert [u.n_frames for u in utts] == [20, 30, 25, 22, 18]
-    assert utts[0].text == "hello world 0" and utts[0].speaker == "spk1" and utts[0].audio.endswith(".wav")
+    assert utts[0].text == "hello world 0"
+    assert utts[0].speaker == "spk1"
+    assert utts[0].audio.endswith(".wav")
 
-    D.write_manifest(utts, tmp_path / "m.jsonl")
-    assert D.read_manifest(tmp_path / "m.jsonl") == utts
+    write_manifest(utts, tmp_path / "m.jsonl")
+    assert read_manifest(tmp_path / "m.jsonl") == utts
 
-    frames = D.load_video(utts[1].video)
-    assert frames.shape == (30, 48, 48) and frames.dtype == np.uint8
+    frames = load_video(utts[1].video)
+    assert frames.shape == (30, 48, 48)
+    assert frames.dtype == np.uint8
     assert np.abs(frames.astype(float) - _frames(30, seed=1)).mean() < 4  # lossy H.264, but close
-    wave = D.load_audio(utts[1].audio)
-    assert wave.shape == (30 * 640,) and np.abs(wave - _tone(30)).max() < 1e-3
+    wave = load_audio(utts[1].audio)
+    assert wave.shape == (30 * 640,)
+    assert np.abs(wave - _tone(30)).max() < 1e-3
 
 
 def test_missing_and_broken_files_are_reported_skipped_and_counted(tmp_path, caplog):
-    utts = D.scan_auto_avsr(_auto_avsr_root(tmp_path), "lrs3_train_transcript_lengths_seg24s.csv")
-    kept, problems = D.check_files(utts, "avsr")
-    assert len(kept) == 4 and len(problems) == 1 and "00004.wav" in problems[0]  # the missing file is named
-    assert len(D.check_files(utts, "vsr")[0]) == 5  # video-only does not need the wav
+    utts = scan_auto_avsr(_auto_avsr_root(tmp_path), "lrs3_train_transcript_lengths_seg24s.csv")
+    kept, problems = check_files(utts, "avsr")
+    assert len(kept) == 4
+    assert len(problems) == 1
+    assert "00004.wav" in problems[0]  # the missing file is named
+    assert len(check_files(utts, "vsr")[0]) == 5  # video-only does not need the wav
 
-    with pytest.raises(D.AVSRDataError, match="00003.mp4"):
-        D.load_video(utts[3].video)
+    with pytest.raises(AVSRDataError, match="00003.mp4"):
+        load_video(utts[3].video)
 
-    dataset = D.AVSRDataset(kept, "avsr", D.VideoTransform(crop_size=44))
-    collate = D.AVSRCollator(_extractor())
+    dataset = AVSRDataset(kept, "avsr", VideoTransform(crop_size=44))
+    collate = AVSRCollator(_extractor())
     with caplog.at_level("WARNING"):
         batch = collate([dataset[i] for i in range(len(dataset))])
     assert batch["uids"] == [u.uid for u in kept if "00003" not in u.uid]
-    assert collate.skipped == 1 and list(dataset.bad) == [kept[3].uid] and "00003.mp4" in dataset.bad[kept[3].uid]
+    assert collate.skipped == 1
+    assert list(dataset.bad) == [kept[3].uid]
+    assert "00003.mp4" in dataset.bad[kept[3].uid]
     assert "00003.mp4" in caplog.text
-    assert batch["video"].shape == (3, 30, 44, 44) and batch["video_lengths"].tolist() == [20, 30, 25]
+    assert batch["video"].shape == (3, 30, 44, 44)
+    assert batch["video_lengths"].tolist() == [20, 30, 25]
     assert batch["audio_features"].shape[:2] == (3, 80)
     assert batch["audio_lengths"].tolist() == [40, 60, 50]  # 50 Hz encoder frames: 2 per video frame
 
 
 def test_error_names_a_missing_labels_file_and_bad_rows(tmp_path):
-    with pytest.raises(D.AVSRDataError, match="labels"):
-        D.scan_auto_avsr(tmp_path, "nope.csv")
+    with pytest.raises(AVSRDataError, match="labels"):
+        scan_auto_avsr(tmp_path, "nope.csv")
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "old_train.csv").write_text("lrs3,a/b/c.mp4,10,1 2 3\n")
-    with pytest.raises(D.AVSRDataError, match="5-column"):
-        D.scan_auto_avsr(tmp_path, "old_train.csv")
-    with pytest.raises(D.AVSRDataError, match="does not exist"):
-        D.detect_layout(tmp_path / "missing")
+    with pytest.raises(AVSRDataError, match="5-column"):
+        scan_auto_avsr(tmp_path, "old_train.csv")
+    with pytest.raises(AVSRDataError, match="does not exist"):
+        detect_layout(tmp_path / "missing")
 
 
 def _write_raw_mp4(path: Path, frames: np.ndarray, wave_48k: np.ndarray) -> None:
@@ -121,68 +158,80 @@ def test_raw_lrs3_layout_reads_text_and_sound_track(tmp_path):
     t = np.arange(48000) / 48000
     _write_raw_mp4(spk / "00001.mp4", _frames(25, size=64), (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32))
     (spk / "00001.txt").write_text("Text:  HELLO THERE, WORLD\nConf: 4\n")
-    assert D.detect_layout(tmp_path) == "raw"
-    (utt,) = D.scan_raw_lrs3(tmp_path, ["test"])
-    assert utt.uid == "test/spkA/00001" and utt.text == "hello there world" and utt.audio == utt.video
-    D.probe_frame_counts([utt])
+    assert detect_layout(tmp_path) == "raw"
+    (utt,) = scan_raw_lrs3(tmp_path, ["test"])
+    assert utt.uid == "test/spkA/00001"
+    assert utt.text == "hello there world"
+    assert utt.audio == utt.video
+    probe_frame_counts([utt])
     assert utt.n_frames == 25
-    wave = D.load_audio(utt.audio)
+    wave = load_audio(utt.audio)
     assert abs(len(wave) - 16000) < 2048  # one second, resampled to 16 kHz (AAC adds priming samples)
     spectrum = np.abs(np.fft.rfft(wave[2000:14000]))
     assert abs(np.argmax(spectrum) * 16000 / 12000 - 300) < 5  # still a 300 Hz tone
-    item = D.AVSRDataset([utt], "avsr", D.VideoTransform(crop_size=32, mouth_box=(20, 10, 40, 44)))[0]
-    assert item["video"].shape == (25, 32, 32) and item["audio"].shape == (25 * 640,)
-    with pytest.raises(D.AVSRDataError, match="trainval"):
-        D.scan_raw_lrs3(tmp_path, ["trainval"])
+    item = AVSRDataset([utt], "avsr", VideoTransform(crop_size=32, mouth_box=(20, 10, 40, 44)))[0]
+    assert item["video"].shape == (25, 32, 32)
+    assert item["audio"].shape == (25 * 640,)
+    with pytest.raises(AVSRDataError, match="trainval"):
+        scan_raw_lrs3(tmp_path, ["trainval"])
 
 
 def test_length_bucket_sampler_budget_coverage_and_determinism():
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 150, size=300).tolist()
-    sampler = D.LengthBucketSampler(lengths, max_frames=600, max_batch_size=8, seed=3, bucket_size=64)
+    sampler = LengthBucketSampler(lengths, max_frames=600, max_batch_size=8, seed=3, bucket_size=64)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(300))  # every utterance exactly once
-    assert all(max(lengths[i] for i in b) * len(b) <= 600 and len(b) <= 8 for b in batches)
+    assert all(max(lengths[i] for i in b) * len(b) <= 600 for b in batches)
+    assert all(len(b) <= 8 for b in batches)
     spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
     assert spread < 30  # bucketing keeps similar lengths together (random batches would spread ~100)
     assert list(sampler) == batches  # same epoch, same order (resumable)
     sampler.set_epoch(1)
     assert list(sampler) != batches
     with pytest.raises(ValueError, match="longest"):
-        D.LengthBucketSampler([10, 700], max_frames=600)
+        LengthBucketSampler([10, 700], max_frames=600)
 
 
 def test_phoneme_visemes_and_mouth_trajectory():
-    assert D.phoneme_visemes("p") == ["bilabial"] and D.phoneme_visemes("aI") == ["open", "spread"]
-    assert D.phoneme_visemes("_:") == ["rest"] and D.phoneme_visemes("u:") == ["round"]
+    assert phoneme_visemes("p") == ["bilabial"]
+    assert phoneme_visemes("aI") == ["open", "spread"]
+    assert phoneme_visemes("_:") == ["rest"]
+    assert phoneme_visemes("u:") == ["round"]
     # "ma": lips shut around 0.1 s, wide open around 0.3 s
-    traj = D.mouth_trajectory([(0.0, "_"), (0.08, "m"), (0.16, "a"), (0.44, "_")], n_frames=13)
+    traj = mouth_trajectory([(0.0, "_"), (0.08, "m"), (0.16, "a"), (0.44, "_")], n_frames=13)
     opening = traj[:, 0]
-    assert opening[2] < 0.1 and opening[7] > 0.8
-    frames = D.render_mouth(traj, D.SPEAKERS[0], np.random.default_rng(0))
+    assert opening[2] < 0.1
+    assert opening[7] > 0.8
+    frames = render_mouth(traj, SPEAKERS[0], np.random.default_rng(0))
     centre = frames[:, 24:29, 20:28].mean(axis=(1, 2))
     assert centre[7] < centre[2] - 40  # an open mouth shows the dark cavity
 
 
 def test_espeak_synthesis_and_corpus_round_trip(tmp_path):
-    tts = D.EspeakNG()
+    tts = EspeakNG()
     wave, phonemes = tts.synthesize("place blue at f two now", "en-us+m3", 160, 50)
-    assert tts.sample_rate == 22050 and len(wave) / 22050 > 0.8
+    assert tts.sample_rate == 22050
+    assert len(wave) / 22050 > 0.8
     starts = [t for t, _ in phonemes]
-    assert starts == sorted(starts) and starts[-1] < len(wave) / 22050 + 0.05
+    assert starts == sorted(starts)
+    assert starts[-1] < len(wave) / 22050 + 0.05
     assert {"p", "b", "f", "t", "n"} <= {p for _, p in phonemes}
 
-    cfg = D.SyntheticCorpusConfig(n_train=4, n_test=2, seed=1)
-    root = D.build_synthetic_corpus(tmp_path / "corpus", cfg)
-    assert D.detect_layout(root) == "auto_avsr"
-    train = D.scan_auto_avsr(root, D.find_split_csv(root, "train"))
-    test = D.scan_auto_avsr(root, D.find_split_csv(root, "test"))
-    assert len(train) == 4 and len(test) == 2 and not {u.text for u in train} & {u.text for u in test}
-    item = D.AVSRDataset(test, "avsr", D.VideoTransform(crop_size=44))[0]
+    cfg = SyntheticCorpusConfig(n_train=4, n_test=2, seed=1)
+    root = build_synthetic_corpus(tmp_path / "corpus", cfg)
+    assert detect_layout(root) == "auto_avsr"
+    train = scan_auto_avsr(root, find_split_csv(root, "train"))
+    test = scan_auto_avsr(root, find_split_csv(root, "test"))
+    assert len(train) == 4
+    assert len(test) == 2
+    assert not {u.text for u in train} & {u.text for u in test}
+    item = AVSRDataset(test, "avsr", VideoTransform(crop_size=44))[0]
     assert item["video"].shape == (test[0].n_frames, 44, 44)
-    assert item["audio"].shape == (test[0].n_frames * 640,) and np.abs(item["audio"]).max() > 0.05
+    assert item["audio"].shape == (test[0].n_frames * 640,)
+    assert np.abs(item["audio"]).max() > 0.05
     stamp = (root / "corpus.json").stat().st_mtime
-    D.build_synthetic_corpus(root, cfg)  # same config: reused, not rebuilt
+    build_synthetic_corpus(root, cfg)  # same config: reused, not rebuilt
     assert (root / "corpus.json").stat().st_mtime == stamp
 
 
@@ -190,3 +239,12 @@ def _extractor():
     from transformers import WhisperFeatureExtractor
 
     return WhisperFeatureExtractor(feature_size=80, chunk_length=4)
+
+
+def test_stream_rates_and_transcript_tokens():
+    assert audio_frames(SAMPLES_PER_FRAME * 10, hop_length=160) == 20  # 25 fps video, 50 Hz encoder frames
+    assert audio_frames(SAMPLES_PER_FRAME * 10 + 1, hop_length=160) == 21  # a partial frame still counts
+    assert [matching_video_rate(r) for r in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    tokenizer = build_word_tokenizer(["place", "blue"])
+    batch = AVSRCollator(tokenizer=tokenizer)([{"uid": "u", "text": "place blue", "video": np.zeros((3, 8, 8))}])
+    assert batch["transcript_ids"] == [tokenizer.convert_tokens_to_ids(["place", "blue"])]

@@ -1,0 +1,358 @@
+"""The command line of the AVSR recipe and the one immutable run configuration resolved from it.
+
+:func:`resolve_config` turns the parsed arguments into a frozen :class:`RunConfig` once, filling every default that
+depends on other choices (embedded corpus or LRS3, the sink experiment); nothing mutates it afterwards, and the rest
+of the recipe takes the few values it needs from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.loader import LoaderConfig
+from .stand_ins import stand_in_paths
+
+DESCRIPTION = "LLM-based ASR / VSR / AVSR with LoRA and optional sink decorrelation, in the Llama-AVSR style."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The recipe's arguments (``python -m recipes.avsr --help`` lists them)."""
+    p = argparse.ArgumentParser(
+        prog="recipes.avsr", description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = p.add_argument_group("task")
+    g.add_argument(
+        "--modality",
+        nargs="+",
+        choices=["asr", "vsr", "avsr"],
+        default=["asr", "vsr", "avsr"],
+        help="one or more modalities, each trained and decoded in turn",
+    )
+    g.add_argument(
+        "--experiment",
+        choices=["none", "sinks"],
+        default="none",
+        help="'sinks': train with/without the decorrelation loss at a low and a high rate, then analyse",
+    )
+    g.add_argument("--output_dir", default="runs/avsr")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data_dir", default=None, help="LRS3 root (auto_avsr or raw layout); default: the embedded corpus"
+    )
+    g.add_argument("--layout", choices=["auto", "auto_avsr", "raw"], default="auto")
+    g.add_argument(
+        "--train_csv", default=None, help="auto_avsr labels CSV for training (default: the one named *train*)"
+    )
+    g.add_argument("--test_csv", default=None, help="auto_avsr labels CSV for testing (default: the one named *test*)")
+    g.add_argument("--raw_train_subsets", nargs="+", default=["trainval"], help="raw LRS3 folders used for training")
+    g.add_argument(
+        "--crop_size",
+        type=int,
+        default=None,
+        help="centre crop of the mouth frames (default 88 for LRS3, 44 for the embedded corpus)",
+    )
+    g.add_argument(
+        "--mouth_box",
+        type=int,
+        nargs=4,
+        default=None,
+        metavar=("TOP", "LEFT", "H", "W"),
+        help="fixed mouth region cut from raw LRS3 face videos before cropping",
+    )
+    g.add_argument("--max_frames", type=int, default=None, help="frame budget of a batch (video frames at 25 fps)")
+    g.add_argument("--max_batch_size", type=int, default=16)
+    g.add_argument("--max_test_utts", type=int, default=None, help="decode only the first N test utterances")
+    g.add_argument(
+        "--preload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode every file once into memory (default: on for the embedded corpus)",
+    )
+    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument(
+        "--random_crop",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random crop of the training frames (default: on for LRS3, off for the embedded corpus)",
+    )
+    g.add_argument(
+        "--cache_features",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep each utterance's frozen-encoder output in memory (default: on for the embedded corpus)",
+    )
+    g.add_argument("--corpus_train", type=int, default=1200, help="embedded corpus: training utterances")
+    g.add_argument("--corpus_test", type=int, default=120, help="embedded corpus: test utterances")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--llm", default=None, help="causal LM id or path (default: an embedded small Llama)")
+    g.add_argument("--audio_encoder", default=None, help="Whisper id or path (default: an embedded small Whisper)")
+    g.add_argument(
+        "--video_encoder",
+        default=None,
+        help="saved LipEncoderModel dir or transformers image model (default: an embedded LipEncoder)",
+    )
+    g.add_argument("--audio_rate", type=int, default=4, help="audio frames (50 Hz) per LLM token")
+    g.add_argument("--video_rate", type=int, default=2, help="video frames (25 fps) per LLM token")
+    g.add_argument(
+        "--projector",
+        choices=["stack", "avg"],
+        default=None,
+        help="compress by stacking K frames or average-pooling them (default: stack; avg for --experiment sinks, as "
+        "in the sink paper)",
+    )
+    g.add_argument(
+        "--projector_hidden", type=int, default=None, help="projector MLP width (default 2048; 512 embedded)"
+    )
+    g.add_argument("--projector_layer_norm", action="store_true")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_targets", nargs="+", default=["q_proj", "v_proj"])
+
+    g = p.add_argument_group("sink decorrelation")
+    g.add_argument("--decor_weight", type=float, default=0.0, help="lambda of the decorrelation loss (0 = off)")
+    g.add_argument("--decor_tokens", choices=["all", "prefix"], default="prefix")
+    g.add_argument("--decor_layers", default="all_but_last", help="'all', 'all_but_last' or comma-separated indices")
+    g.add_argument("--decor_form", choices=["squared", "abs"], default="squared")
+    g.add_argument(
+        "--sink_rates",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="--experiment sinks: low and high rate of the analysed modality (default 2 16 audio, 1 8 video)",
+    )
+    g.add_argument("--sink_threshold", type=float, default=0.3, help="attention-sink score threshold (Gu et al.)")
+    g.add_argument("--massive_magnitude", type=float, default=100.0, help="massive activation: |h| above this")
+    g.add_argument("--massive_ratio", type=float, default=1000.0, help="massive activation: |h| / median above this")
+
+    g = p.add_argument_group("training and decoding")
+    g.add_argument("--epochs", type=float, default=None, help="training epochs (default 12 embedded, 10 otherwise)")
+    g.add_argument("--max_steps", type=int, default=None, help="overrides --epochs")
+    g.add_argument("--lr", type=float, default=None, help="default 1e-3 (asr, avsr) / 5e-4 (vsr), as Llama-AVSR")
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of the steps")
+    g.add_argument("--grad_accum", type=int, default=1)
+    g.add_argument(
+        "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's config"
+    )
+    g.add_argument(
+        "--save_every",
+        type=int,
+        default=0,
+        help="checkpoint every N optimizer steps (0: no checkpoints; the final weights are always saved)",
+    )
+    g.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="checkpoints kept per run, the newest (default: all)",
+    )
+    g.add_argument("--resume", default=None, help="checkpoint dir to resume from, or 'latest'")
+    g.add_argument("--num_beams", type=int, default=15)
+    g.add_argument("--max_new_tokens", type=int, default=32)
+    g.add_argument("--eval_batch_size", type=int, default=16)
+    g.add_argument(
+        "--eval_untrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also decode with the untrained model (the WER that training must beat)",
+    )
+    g.add_argument("--encoder_pretrain_steps", type=int, default=800, help="embedded encoders: CTC steps")
+    g.add_argument("--text_pretrain_steps", type=int, default=300, help="embedded LLM: language-model steps")
+    return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What :func:`recipes.avsr.loop.build_model` builds: checkpoints, projectors, LoRA and sink decorrelation."""
+
+    llm: str
+    audio_encoder: str | None
+    video_encoder: str | None
+    audio_rate: int = 4
+    video_rate: int = 2
+    projector: str = "stack"
+    projector_hidden: int = 2048
+    projector_layer_norm: bool = False
+    cache_features: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    decor_weight: float = 0.0
+    decor_tokens: str = "prefix"
+    decor_layers: str | tuple[int, ...] = "all_but_last"
+    decor_form: str = "squared"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and checkpointing of one training run (:func:`recipes.avsr.loop.train`)."""
+
+    epochs: float = 10
+    max_steps: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.1
+    warmup_steps: int | None = None
+    save_every: int = 0
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None
+
+    def learning_rate(self, modality: str) -> float:
+        """``lr``, or Llama-AVSR's default: 5e-4 for VSR, 1e-3 for ASR and AVSR."""
+        return self.lr or (5e-4 if modality == "vsr" else 1e-3)
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """The miniature sink experiment (:mod:`recipes.avsr.sinks`)."""
+
+    rates: tuple[int, int] = (2, 16)
+    weight: float = 0.1
+    threshold: float = 0.3
+    massive_magnitude: float = 100.0
+    massive_ratio: float = 1000.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, resolved once from the command line (:func:`resolve_config`)."""
+
+    modalities: tuple[str, ...]
+    experiment: str
+    output_dir: Path
+    seed: int
+    embedded: bool
+    data_dir: Path
+    layout: str
+    train_csv: str | None
+    test_csv: str | None
+    raw_train_subsets: tuple[str, ...]
+    max_test_utts: int | None
+    corpus_train: int
+    corpus_test: int
+    loader: LoaderConfig
+    model: ModelConfig
+    train: TrainConfig
+    sinks: SinkConfig
+    grad_accum: int
+    mixed_precision: str | None
+    num_beams: int
+    max_new_tokens: int
+    eval_untrained: bool
+    encoder_pretrain_steps: int
+    text_pretrain_steps: int
+
+
+def _check_checkpoints_given(args: argparse.Namespace) -> None:
+    needed = {"--llm": args.llm}
+    if {"asr", "avsr"} & set(args.modality):
+        needed["--audio_encoder"] = args.audio_encoder
+    if {"vsr", "avsr"} & set(args.modality):
+        needed["--video_encoder"] = args.video_encoder
+    missing = [flag for flag, value in needed.items() if not value]
+    if missing:
+        raise SystemExit(
+            f"with --data_dir, pass {', '.join(missing)} (the embedded models exist only for the "
+            "embedded corpus; e.g. --llm meta-llama/Llama-3.2-1B --audio_encoder openai/whisper-medium)"
+        )
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The frozen run configuration of parsed arguments (``args`` is left as it is).
+
+    Without ``--data_dir`` the run uses the embedded corpus (``output_dir/corpus``) and stand-in models
+    (``output_dir/base_models``, see :mod:`recipes.avsr.stand_ins`), with defaults sized for them.
+    """
+    embedded = args.data_dir is None
+    if not embedded:
+        _check_checkpoints_given(args)
+    output_dir = Path(args.output_dir)
+    random_crop = not embedded if args.random_crop is None else args.random_crop
+    cache_features = embedded if args.cache_features is None else args.cache_features
+    if cache_features and random_crop:
+        raise ValueError("--cache_features reuses encoder outputs, which --random_crop would change; pick one")
+    stand_ins = stand_in_paths(output_dir)
+    decor_layers = (
+        args.decor_layers
+        if args.decor_layers in ("all", "all_but_last")
+        else tuple(int(i) for i in args.decor_layers.split(","))
+    )
+    model = ModelConfig(
+        llm=args.llm or (str(stand_ins["llm"]) if embedded else None),
+        audio_encoder=args.audio_encoder or (str(stand_ins["audio_encoder"]) if embedded else None),
+        video_encoder=args.video_encoder or (str(stand_ins["video_encoder"]) if embedded else None),
+        audio_rate=args.audio_rate,
+        video_rate=args.video_rate,
+        projector=args.projector or ("avg" if args.experiment == "sinks" else "stack"),
+        projector_hidden=args.projector_hidden or (512 if embedded else 2048),
+        projector_layer_norm=args.projector_layer_norm,
+        cache_features=cache_features,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=tuple(args.lora_targets),
+        decor_weight=args.decor_weight,
+        decor_tokens=args.decor_tokens,
+        decor_layers=decor_layers,
+        decor_form=args.decor_form,
+    )
+    loader = LoaderConfig(
+        crop_size=args.crop_size or (44 if embedded else 88),  # 48 px synthetic frames; LRS3 crops 96 -> 88
+        mouth_box=tuple(args.mouth_box) if args.mouth_box else None,
+        random_crop=random_crop,
+        preload=embedded if args.preload is None else args.preload,
+        max_frames=args.max_frames,
+        max_batch_size=args.max_batch_size,
+        eval_batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+    )
+    train = TrainConfig(
+        epochs=args.epochs or (12 if embedded else 10),
+        max_steps=args.max_steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        save_every=args.save_every,
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        resume=args.resume,
+    )
+    sinks = SinkConfig(
+        rates=tuple(args.sink_rates) if args.sink_rates else ((1, 8) if args.modality[0] == "vsr" else (2, 16)),
+        weight=args.decor_weight or 0.1,
+        threshold=args.sink_threshold,
+        massive_magnitude=args.massive_magnitude,
+        massive_ratio=args.massive_ratio,
+    )
+    return RunConfig(
+        modalities=tuple(args.modality),
+        experiment=args.experiment,
+        output_dir=output_dir,
+        seed=args.seed,
+        embedded=embedded,
+        data_dir=output_dir / "corpus" if embedded else Path(args.data_dir),
+        layout=args.layout,
+        train_csv=args.train_csv,
+        test_csv=args.test_csv,
+        raw_train_subsets=tuple(args.raw_train_subsets),
+        max_test_utts=args.max_test_utts,
+        corpus_train=args.corpus_train,
+        corpus_test=args.corpus_test,
+        loader=loader,
+        model=model,
+        train=train,
+        sinks=sinks,
+        grad_accum=args.grad_accum,
+        mixed_precision=args.mixed_precision,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        eval_untrained=args.eval_untrained,
+        encoder_pretrain_steps=args.encoder_pretrain_steps,
+        text_pretrain_steps=args.text_pretrain_steps,
+    )

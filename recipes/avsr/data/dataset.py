@@ -1,0 +1,140 @@
+"""The dataset of the AVSR recipe: decodes an utterance's streams, crops and normalises its frames.
+
+A file that cannot be read raises :class:`~recipes.avsr.data.media.AVSRDataError` naming it; the dataset reports
+such an utterance, skips it and counts it, so one bad file never silently kills a long run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .lrs3 import Utterance
+from .media import SAMPLES_PER_FRAME, AVSRDataError, cut_or_pad, load_audio, load_video
+
+logger = logging.getLogger(__name__)
+
+LRS3_MEAN, LRS3_STD = 0.421, 0.165  # auto_avsr's grayscale normalisation of mouth crops
+
+
+@dataclass
+class VideoTransform:
+    """Grayscale crop + normalisation of auto_avsr: ``uint8 [T, H, W]`` → ``float32 [T, crop, crop]``.
+
+    ``mouth_box`` (top, left, height, width) first cuts a fixed region (for raw LRS3 face videos, which are not
+    mouth crops); ``crop_size`` then centre-crops (a random crop when ``train`` and ``random_crop``).
+    """
+
+    crop_size: int | None = 88
+    mouth_box: tuple[int, int, int, int] | None = None
+    random_crop: bool = False
+
+    def __call__(self, frames: np.ndarray, train: bool = False, rng: random.Random | None = None) -> np.ndarray:
+        if self.mouth_box is not None:
+            top, left, h, w = self.mouth_box
+            frames = frames[:, top : top + h, left : left + w]
+        if self.crop_size is not None:
+            _, h, w = frames.shape
+            c = self.crop_size
+            if h < c or w < c:
+                raise AVSRDataError(f"video frames {h}x{w} are smaller than crop_size {c}")
+            if train and self.random_crop:
+                rng = rng or random
+                top, left = rng.randint(0, h - c), rng.randint(0, w - c)
+            else:
+                top, left = (h - c) // 2, (w - c) // 2
+            frames = frames[:, top : top + c, left : left + c]
+        return ((frames.astype(np.float32) / 255.0) - LRS3_MEAN) / LRS3_STD
+
+
+_DECODED: dict[tuple[str, str], np.ndarray] = {}  # (loader, path) -> decoded stream, filled by preloading datasets
+
+
+class AVSRDataset(Dataset):
+    """Decodes an utterance's streams on access; an unreadable utterance yields ``None`` and is counted.
+
+    Args:
+        utterances: manifest rows.
+        modality: ``"asr"``, ``"vsr"`` or ``"avsr"``: which streams are decoded.
+        video_transform: crop/normalisation of the frames.
+        train: whether augmentation (random crop) applies.
+        preload: decode everything once now (fast epochs on small corpora; bad files are found up front). Decoded
+            files are kept for the whole process, so later datasets over the same files (another modality, the test
+            set again) do not decode them again.
+    """
+
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        modality: str,
+        video_transform: VideoTransform | None = None,
+        train: bool = False,
+        preload: bool = False,
+    ):
+        if modality not in ("asr", "vsr", "avsr"):
+            raise ValueError(f"modality must be 'asr', 'vsr' or 'avsr', got {modality!r}")
+        self.utterances = list(utterances)
+        self.modality = modality
+        self.video_transform = video_transform or VideoTransform()
+        self.train = train
+        self.bad: dict[str, str] = {}  # uid -> reason, for the report
+        self._cache: dict[int, dict | None] | None = None
+        self._memo = _DECODED if preload else None
+        if preload:
+            from tqdm.auto import tqdm
+
+            self._cache = {i: self._decode(i) for i in tqdm(range(len(self)), desc="decoding", leave=False)}
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Video frames per utterance (25 fps), for bucketing."""
+        return [max(u.n_frames, 1) for u in self.utterances]
+
+    def _decode(self, index: int) -> dict | None:
+        """The raw streams of one utterance (uint8 frames, float32 samples), or None if a file is unreadable."""
+        u = self.utterances[index]
+        try:
+            item: dict = {"uid": u.uid, "text": u.text}
+            if self.modality in ("vsr", "avsr"):
+                item["frames"] = self._load(load_video, u.video)
+            if self.modality in ("asr", "avsr"):
+                wave = self._load(load_audio, u.audio)
+                if "frames" in item:  # align lengths: 640 samples per frame
+                    wave = cut_or_pad(wave, item["frames"].shape[0] * SAMPLES_PER_FRAME)
+                item["audio"] = wave
+            return item
+        except AVSRDataError as err:
+            if u.uid not in self.bad:
+                logger.warning("skipping %s: %s", u.uid, err)
+            self.bad[u.uid] = str(err)
+            return None
+
+    def _load(self, loader, path: str) -> np.ndarray:
+        if self._memo is None:
+            return loader(path)
+        key = (loader.__name__, path)
+        if key not in self._memo:
+            self._memo[key] = loader(path)
+        return self._memo[key]
+
+    def __getitem__(self, index: int) -> dict | None:
+        raw = self._cache[index] if self._cache is not None else self._decode(index)
+        if raw is None:
+            return None
+        item = {k: v for k, v in raw.items() if k != "frames"}
+        if "frames" in raw:
+            try:
+                item["video"] = self.video_transform(raw["frames"], train=self.train)
+            except AVSRDataError as err:
+                self.bad[raw["uid"]] = str(err)
+                logger.warning("skipping %s: %s", raw["uid"], err)
+                return None
+        return item

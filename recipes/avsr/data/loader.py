@@ -1,0 +1,135 @@
+"""Data loaders of the AVSR recipe: length-bucketed batches under a frame budget over an :class:`AVSRDataset`."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .collate import AVSRCollator
+from .dataset import AVSRDataset, VideoTransform
+from .lrs3 import Utterance, check_files
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of similar length under a frame budget (Llama-AVSR batches by frames), reshuffled each epoch.
+
+    Utterances are sorted by length inside random buckets of ``bucket_size`` consecutive (shuffled) items, cut
+    into batches whose ``max_len * batch_size`` stays within ``max_frames`` and ``batch_size <= max_batch_size``;
+    the batch order is shuffled. The order depends only on ``(seed, epoch)``, so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_frames: int,
+        max_batch_size: int = 64,
+        shuffle: bool = True,
+        seed: int = 0,
+        bucket_size: int = 256,
+    ):
+        if max_frames < max(lengths, default=1):
+            raise ValueError(f"max_frames={max_frames} is smaller than the longest utterance ({max(lengths)} frames)")
+        self.lengths = list(lengths)
+        self.max_frames, self.max_batch_size = max_frames, max_batch_size
+        self.shuffle, self.seed, self.bucket_size = shuffle, seed, bucket_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        buckets = [order[i : i + self.bucket_size] for i in range(0, len(order), self.bucket_size)]
+        batches: list[list[int]] = []
+        for bucket in buckets:
+            bucket.sort(key=lambda i: self.lengths[i])
+            batch: list[int] = []
+            for i in bucket:
+                longest = max([self.lengths[j] for j in batch] + [self.lengths[i]])
+                if batch and (longest * (len(batch) + 1) > self.max_frames or len(batch) >= self.max_batch_size):
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            if batch:
+                batches.append(batch)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How a run reads its utterances (resolved from the command line once, see ``recipes.avsr.config``).
+
+    Args:
+        crop_size: centre crop of the mouth frames (a random crop for training sets when ``random_crop``).
+        mouth_box: ``(top, left, height, width)`` cut from raw LRS3 face videos before cropping.
+        random_crop: random crop of the training frames.
+        preload: decode every file once into memory.
+        max_frames: frame budget of a training batch (video frames at 25 fps); None: the longest utterance times
+            ``max_batch_size``.
+        max_batch_size: utterances per training batch at most.
+        eval_batch_size: utterances per test batch at most.
+        num_workers: DataLoader worker processes.
+    """
+
+    crop_size: int | None = 88
+    mouth_box: tuple[int, int, int, int] | None = None
+    random_crop: bool = False
+    preload: bool = False
+    max_frames: int | None = None
+    max_batch_size: int = 16
+    eval_batch_size: int = 16
+    num_workers: int = 0
+
+
+def make_loader(
+    config: LoaderConfig,
+    utterances: list[Utterance],
+    modality: str,
+    feature_extractor=None,
+    tokenizer=None,
+    train: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``utterances`` with length-bucketed batches (``loader.dataset`` counts the skipped files).
+
+    Utterances whose files are missing are dropped with a warning and counted in ``loader.dataset.bad``.
+    """
+    utterances, problems = check_files(utterances, modality)
+    for msg in problems:
+        print(f"warning: skipping {msg}", file=sys.stderr)
+    transform = VideoTransform(
+        crop_size=config.crop_size, mouth_box=config.mouth_box, random_crop=train and config.random_crop
+    )
+    dataset = AVSRDataset(utterances, modality, transform, train=train, preload=config.preload)
+    dataset.bad.update({m.split(":")[0]: m for m in problems})
+    lengths = dataset.lengths
+    max_frames = config.max_frames or max(lengths) * config.max_batch_size
+    sampler = LengthBucketSampler(
+        lengths,
+        max(max_frames, max(lengths)),
+        config.max_batch_size if train else config.eval_batch_size,
+        shuffle=train,
+        seed=seed,
+    )
+    collator = AVSRCollator(feature_extractor, tokenizer)
+    # a private generator: starting an epoch must not draw from the global RNG (dropout), or a resumed run drifts
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=config.num_workers, generator=generator
+    )

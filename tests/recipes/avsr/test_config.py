@@ -1,0 +1,60 @@
+"""AVSR recipe configuration: resolved once from the arguments, frozen, defaults that depend on the run."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from recipes.avsr.config import parse_args, resolve_config
+
+
+def test_resolving_leaves_the_arguments_alone_and_the_config_is_frozen():
+    args = parse_args(["--output_dir", "runs/x"])
+    before = dict(vars(args))
+    config = resolve_config(args)
+    assert vars(args) == before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.decor_weight = 1.0
+
+
+def test_embedded_defaults():
+    config = resolve_config(parse_args(["--output_dir", "runs/x"]))
+    assert config.embedded
+    assert config.data_dir == Path("runs/x/corpus")
+    assert config.model.llm == str(Path("runs/x/base_models/llm"))
+    assert config.model.video_encoder == str(Path("runs/x/base_models/video_encoder"))
+    assert config.model.projector == "stack"
+    assert config.model.projector_hidden == 512
+    assert config.model.cache_features
+    assert config.loader.crop_size == 44
+    assert config.loader.preload
+    assert not config.loader.random_crop
+    assert config.train.epochs == 12
+    assert config.train.learning_rate("vsr") == 5e-4
+    assert config.train.learning_rate("avsr") == 1e-3
+
+
+def test_lrs3_defaults_and_the_sink_experiment():
+    argv = ["--data_dir", "/data/lrs3", "--llm", "l", "--audio_encoder", "a", "--video_encoder", "v"]
+    config = resolve_config(parse_args(argv + ["--experiment", "sinks", "--modality", "vsr", "--decor_layers", "0,2"]))
+    assert not config.embedded
+    assert config.data_dir == Path("/data/lrs3")
+    assert config.model.llm == "l"
+    assert config.model.projector == "avg"  # the sink paper's projector
+    assert config.model.projector_hidden == 2048
+    assert config.model.decor_layers == (0, 2)
+    assert not config.model.cache_features
+    assert config.loader.crop_size == 88
+    assert config.loader.random_crop
+    assert config.train.epochs == 10
+    assert config.sinks.rates == (1, 8)  # video rates for vsr
+    assert config.sinks.weight == 0.1
+
+
+def test_errors_are_raised_before_anything_runs():
+    with pytest.raises(SystemExit, match="--audio_encoder"):
+        resolve_config(parse_args(["--data_dir", "/data/lrs3", "--llm", "l", "--modality", "asr"]))
+    with pytest.raises(ValueError, match="--random_crop"):
+        resolve_config(parse_args(["--cache_features", "--random_crop"]))
