@@ -11,6 +11,7 @@ from .tuners.gnnmoe import (  # noqa: F401
     get_aux_loss,
     get_expert_assignments,
     get_routing_stats,
+    plot_expert_assignments,
 )
 
 # --- sink decorrelation ---

@@ -85,3 +85,22 @@ def update_model_card(folder: str | os.PathLike, section: str) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
     return path
+
+
+def add_loading_section(
+    config, save_directory: str | os.PathLike, title: str, auto_mapping: dict | None = None
+) -> None:
+    """Called from a tuner config's ``save_pretrained``: when adapter weights sit next to the config (a
+    ``PeftModel.save_pretrained`` / ``push_to_hub``, not a config-only save), put the loading snippet for
+    ``config.peft_type`` into the folder's model card."""
+    if not os.path.exists(os.path.join(save_directory, "adapter_model.safetensors")):
+        return
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    mapping = auto_mapping or config.auto_mapping or {}
+    snippet = loading_snippet(
+        peft_type,
+        config.base_model_name_or_path,
+        base_model_class=mapping.get("base_model_class"),
+        parent_library=mapping.get("parent_library"),
+    )
+    update_model_card(save_directory, usage_section(title, peft_type, snippet))

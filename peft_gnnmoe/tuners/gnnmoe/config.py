@@ -10,7 +10,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from ...registration import peft_type_member
-from ...utils.model_card import loading_snippet, update_model_card, usage_section
+from ...utils.model_card import add_loading_section
 from .architectures import DEFAULT_SHARED_ROUTER_GROUPS
 
 GNNMOE_PEFT_TYPE = peft_type_member("GNNMOE")
@@ -268,15 +268,9 @@ class GNNMoEConfig(PeftConfig):
                 "can run arbitrary code. Save with safe_serialization=True (the default)."
             )
         super().save_pretrained(save_directory, **kwargs)
-        if os.path.exists(safe_path):
-            mapping = kwargs.get("auto_mapping_dict") or self.auto_mapping or {}
-            snippet = loading_snippet(
-                "GNNMOE",
-                self.base_model_name_or_path,
-                base_model_class=mapping.get("base_model_class"),
-                parent_library=mapping.get("parent_library"),
-            )
-            update_model_card(save_directory, usage_section("Loading this GNN-MoE adapter", "GNNMOE", snippet))
+        add_loading_section(
+            self, save_directory, "Loading this GNN-MoE adapter", auto_mapping=kwargs.get("auto_mapping_dict")
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from ...registration import peft_type_member
+from ...utils.model_card import add_loading_section
 
 PEFT_TYPE_NAME = "SINK_DECORRELATION"
 SINK_DECORRELATION_PEFT_TYPE = peft_type_member(PEFT_TYPE_NAME)
@@ -141,6 +142,17 @@ class SinkDecorrelationConfig(PeftConfig):
             raise ValueError(f"reduction must be 'sample' or 'tokens', got {self.reduction!r}.")
         if self.bos not in ("token", "first"):
             raise ValueError(f"bos must be 'token' or 'first', got {self.bos!r}.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save ``adapter_config.json``; next to saved adapter weights, also add the loading snippet
+        (``import peft_gnnmoe`` first, or peft fails with ``KeyError``) to the model card."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_loading_section(
+            self,
+            save_directory,
+            "Loading this sink-decorrelation adapter",
+            auto_mapping=kwargs.get("auto_mapping_dict"),
+        )
 
     def to_dict(self) -> dict:
         """The config as a JSON-ready dict, with the inner config serialised by its own ``to_dict``."""

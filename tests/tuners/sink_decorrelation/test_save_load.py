@@ -69,3 +69,41 @@ def test_a_config_saved_before_reduction_existed_loads_with_the_default(tmp_path
     del saved["reduction"]
     path.write_text(json.dumps(saved))
     assert PeftConfig.from_pretrained(tmp_path).reduction == "sample"
+
+
+def _python_block(card: str) -> str:
+    start = card.index("```python\n") + len("```python\n")
+    return card[start : card.index("```", start)]
+
+
+def test_model_card_shows_a_loading_snippet_that_works(tmp_path, make_lm, sink_model, lm_batch):
+    import subprocess
+    import sys
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    make_lm().save_pretrained(base_dir)
+    model = sink_model()  # same seed as the saved base
+    model.base_model.model.config.name_or_path = str(base_dir)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    model.save_pretrained(adapter_dir)
+    model.save_pretrained(adapter_dir)  # saving again replaces the section
+    card = (adapter_dir / "README.md").read_text()
+    assert card.count("<!-- peft-gnnmoe:usage -->") == 1
+    assert "KeyError: 'SINK_DECORRELATION'" in card
+    snippet = _python_block(card)
+    assert snippet.startswith("import peft_gnnmoe")
+    assert repr(str(base_dir)) in snippet
+    batch = lm_batch()
+    with torch.no_grad():
+        expected = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.save({"batch": batch, "expected": expected}, tmp_path / "io.pt")
+    script = snippet.replace("path/to/this/adapter", str(adapter_dir)) + (
+        "\nimport torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    got = model.eval()(input_ids=io['batch']['input_ids'], attention_mask=io['batch']['attention_mask'])\n"
+        "assert torch.allclose(got.logits, io['expected'], atol=1e-6), (got.logits - io['expected']).abs().max()\n"
+        "print('LOADED')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "LOADED" in result.stdout, result.stderr[-2000:]
