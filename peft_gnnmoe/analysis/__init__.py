@@ -8,6 +8,7 @@ Example:
     >>> from peft_gnnmoe.analysis import find_massive_activations, attention_sink_scores, bos_cosine_similarity
     >>> report = find_massive_activations(model, {"input_ids": ids})
     >>> report.massive[0].layer, report.massive[0].feature, report.massive[0].origin
+    >>> attention_sink_scores(vit, {"pixel_values": images}).sink_tokens()  # ViTs: CLS is position 0
     ```
 """
 
@@ -15,6 +16,7 @@ from .cosine import BosCosineReport, bos_cosine_similarity
 from .massive import LayerActivationStats, MassiveActivation, MassiveActivationReport, find_massive_activations
 from .report import analyze
 from .sinks import AttentionSinkReport, attention_sink_scores
+from .vision import patch_grid, vision_token_labels
 
 __all__ = [
     "AttentionSinkReport",
@@ -26,4 +28,6 @@ __all__ = [
     "attention_sink_scores",
     "bos_cosine_similarity",
     "find_massive_activations",
+    "patch_grid",
+    "vision_token_labels",
 ]

@@ -1,5 +1,8 @@
 """Shared plumbing of the analysis functions: batches, eval mode, BOS positions, causal or bidirectional attention.
 
+A batch holds text (``input_ids`` / ``inputs_embeds``) or images (``pixel_values``, see ``vision.py``): an image
+sequence's length is only known once the model has run, so its valid mask is built from the hidden states.
+
 Model facts (unwrapping, text config, layers, BOS id) come from ``peft_gnnmoe.utils.model_introspection``, token
 bookkeeping from the sink tuner's ``find_bos_positions`` / ``valid_token_mask``.
 """
@@ -16,6 +19,7 @@ from torch import nn
 from ..tuners.sink_decorrelation.loss import find_bos_positions, valid_token_mask
 from ..utils.model_introspection import bos_token_id as model_bos_token_id
 from ..utils.model_introspection import find_decoder_layers, text_config, unwrap_model
+from .vision import is_vision_batch
 
 Batch = Mapping[str, Any] | torch.Tensor
 
@@ -25,8 +29,10 @@ def as_batch(batch: Batch) -> dict[str, Any]:
     if isinstance(batch, torch.Tensor):
         return {"input_ids": batch if batch.dim() == 2 else batch.unsqueeze(0)}
     batch = dict(batch)
-    if batch.get("input_ids") is None and batch.get("inputs_embeds") is None:
-        raise ValueError("the batch needs input_ids or inputs_embeds.")
+    if batch.get("input_ids") is None and batch.get("inputs_embeds") is None and batch.get("pixel_values") is None:
+        raise ValueError("the batch needs input_ids or inputs_embeds (text) or pixel_values (images).")
+    if is_vision_batch(batch) and batch.get("attention_mask") is not None:
+        raise ValueError("an image batch has no padding: drop attention_mask from the pixel_values batch.")
     return batch
 
 
@@ -35,7 +41,13 @@ def batch_shape(batch: dict[str, Any]) -> tuple[int, int, torch.device]:
     return reference.shape[0], reference.shape[1], reference.device
 
 
-def valid_mask(batch: dict[str, Any]) -> torch.Tensor:
+def valid_mask(batch: dict[str, Any], num_tokens: int | None = None) -> torch.Tensor:
+    """``(B, T)`` bool mask of non-padding tokens; an image batch needs ``num_tokens`` (every token is valid)."""
+    if is_vision_batch(batch):
+        if num_tokens is None:
+            raise ValueError("an image batch's token count comes from the model's output: pass num_tokens.")
+        pixels = batch["pixel_values"]
+        return torch.ones(pixels.shape[0], num_tokens, dtype=torch.bool, device=pixels.device)
     batch_size, seq_len, device = batch_shape(batch)
     return valid_token_mask(batch.get("attention_mask"), batch_size, seq_len, device)
 

@@ -20,10 +20,19 @@ from torch import nn
 
 from ..utils.model_introspection import find_decoder_layers
 from ._inputs import Batch, as_batch, inference, is_causal, valid_mask
+from .vision import is_vision_batch
 
 # the module whose input is the residual stream after attention, in the order they are tried (Gemma2/3 apply their
 # post_attention_layernorm to the attention output, so their pre_feedforward_layernorm comes first)
-PRE_MLP_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
+# ViT/DeiT/BEiT call it layernorm_after, DINOv2 norm2, CLIP/SigLIP layer_norm2
+PRE_MLP_NORM_NAMES = (
+    "pre_feedforward_layernorm",
+    "post_attention_layernorm",
+    "ln_2",
+    "layernorm_after",
+    "norm2",
+    "layer_norm2",
+)
 
 
 @dataclass
@@ -124,22 +133,24 @@ def find_massive_activations(
     top_k: int = 3,
     layers_module: str | None = None,
 ) -> MassiveActivationReport:
-    """Run ``model`` on ``batch`` and report the massive activations of every decoder layer's output.
+    """Run ``model`` on ``batch`` and report the massive activations of every decoder (or encoder) layer's output.
 
     Args:
-        model: a transformers model (or a ``PeftModel`` around one), decoder or encoder.
-        batch: forward kwargs (``input_ids`` or ``inputs_embeds``, optional 2-D ``attention_mask``) or an id tensor.
+        model: a transformers model (or a ``PeftModel`` around one), decoder or encoder (ViTs too).
+        batch: forward kwargs (``input_ids`` or ``inputs_embeds``, optional 2-D ``attention_mask``; or an image
+            model's ``pixel_values``, whose tokens are CLS, other prefix tokens, then the patches) or an id tensor.
         magnitude_threshold: minimum ``|value|`` of a massive activation.
         ratio_threshold: minimum ``|value| / median(|h_l|)``.
         top_k: how many largest ``|value|`` entries to list per layer and sequence.
         layers_module: path of the decoder layers' ``nn.ModuleList`` if it is not found automatically.
     """
     batch = as_batch(batch)
-    valid = valid_mask(batch)
+    valid = None if is_vision_batch(batch) else valid_mask(batch)
     stats: list[LayerActivationStats] = []
 
     def reduce(recorder: _LayerRecorder) -> None:
-        stats.append(_layer_stats(recorder, valid, magnitude_threshold, ratio_threshold, top_k))
+        mask = valid_mask(batch, recorder.output.shape[1]) if valid is None else valid  # images: every token
+        stats.append(_layer_stats(recorder, mask, magnitude_threshold, ratio_threshold, top_k))
 
     with inference(model) as base:
         _, layers = find_decoder_layers(base, layers_module)

@@ -10,6 +10,7 @@ from ._inputs import Batch, as_batch
 from .cosine import bos_cosine_similarity
 from .massive import find_massive_activations
 from .sinks import attention_sink_scores
+from .vision import is_vision_batch, vision_token_labels
 
 
 def analyze(
@@ -25,6 +26,8 @@ def analyze(
 ) -> dict[str, Any]:
     """``{"massive_activations", "attention_sinks", "bos_cosine", "tokens"}``, each a plain dict.
 
+    ``batch`` may be text or an image model's ``pixel_values``; for images ``tokens`` defaults to the position names
+    ``"CLS"``, ``"reg0"``, ``"p(row,col)"`` (one list per image) and the "BOS" of the cosine report is CLS.
     ``sink_threshold`` and ``sink_ratio`` are :func:`attention_sink_scores`' ``threshold`` and ``ratio``; ``causal``
     overrides the detection of decoder vs encoder attention.
     """
@@ -39,6 +42,10 @@ def analyze(
         "bos_cosine": bos_cosine_similarity(model, batch, bos=bos).to_dict(),
         "tokens": tokens,
     }
+    if tokens is None and is_vision_batch(batch):
+        num_tokens = len(report["attention_sinks"]["mean_scores"][0])
+        labels = vision_token_labels(model, batch["pixel_values"], num_tokens)
+        report["tokens"] = [labels] * batch["pixel_values"].shape[0]
     for name in ("massive_activations", "bos_cosine"):  # one answer to "decoder or encoder" for every plot
         report[name]["causal"] = report["attention_sinks"]["causal"]
     return report

@@ -83,8 +83,9 @@ def attention_sink_scores(
     The model is run once with eager attention and ``output_attentions=True`` (switched back afterwards).
 
     Args:
-        model: a transformers model (or a ``PeftModel`` around one), decoder or encoder.
-        batch: forward kwargs (``input_ids`` or ``inputs_embeds``, optional 2-D ``attention_mask``) or an id tensor.
+        model: a transformers model (or a ``PeftModel`` around one), decoder or encoder (ViTs too).
+        batch: forward kwargs (``input_ids`` or ``inputs_embeds``, optional 2-D ``attention_mask``; or an image
+            model's ``pixel_values``: every query sees every token) or an id tensor.
         threshold: minimum score of a sink.
         ratio: minimum score / uniform-attention baseline of a sink.
         causal: whether queries see only earlier keys; detected from the model when None (see ``is_causal``).
@@ -92,13 +93,13 @@ def attention_sink_scores(
     if not ratio >= 1.0:
         raise ValueError(f"ratio must be >= 1 (a multiple of the uniform-attention score), got {ratio}.")
     batch = as_batch(batch)
-    valid = valid_mask(batch)
     causal = is_causal(model, causal)
     with inference(model) as base, eager_attention(base):
         outputs = base(**batch, output_attentions=True)
     attentions = getattr(outputs, "attentions", None)
     if not attentions or any(a is None for a in attentions):
         raise ValueError(f"{type(base).__name__} returned no attention weights; it needs eager attention support.")
+    valid = valid_mask(batch, attentions[0].shape[-1])
 
     queries = visible_queries(valid.cpu(), causal)  # B, T(query), T(key)
     alpha = torch.stack([received_attention(a.detach().float().cpu(), queries) for a in attentions], dim=1)
