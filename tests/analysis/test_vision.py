@@ -171,3 +171,11 @@ def test_image_batch_with_attention_mask_is_rejected(make_vit, images):
 
 def test_vision_report_is_json_serialisable(make_vit, images):
     json.dumps(analyze(make_vit(), {"pixel_values": images}))
+
+
+def test_token_norms_are_the_hidden_state_norms(make_vit, images):
+    model = make_vit()
+    report = find_massive_activations(model, {"pixel_values": images})
+    with torch.no_grad():
+        hidden = model(pixel_values=images, output_hidden_states=True).hidden_states[1]
+    assert report.layers[0].norms[1] == pytest.approx(hidden[1].norm(dim=-1).tolist(), abs=1e-3)
