@@ -179,3 +179,14 @@ def test_token_norms_are_the_hidden_state_norms(make_vit, images):
     with torch.no_grad():
         hidden = model(pixel_values=images, output_hidden_states=True).hidden_states[1]
     assert report.layers[0].norms[1] == pytest.approx(hidden[1].norm(dim=-1).tolist(), abs=1e-3)
+
+
+def test_gnnmoe_model_at_init_reports_the_base_model_norms(make_vit_family, images):
+    from peft import get_peft_model
+
+    from peft_gnnmoe import GNNMoEConfig
+
+    base = find_massive_activations(make_vit_family("dinov2"), {"pixel_values": images})
+    model = get_peft_model(make_vit_family("dinov2"), GNNMoEConfig(target_modules=["q_proj", "v_proj"]))
+    wrapped = find_massive_activations(model, {"pixel_values": images})
+    assert torch.allclose(torch.tensor(wrapped.layers[1].norms), torch.tensor(base.layers[1].norms), atol=1e-3)
