@@ -83,7 +83,7 @@ def run_images(args: argparse.Namespace, device, dtype) -> int:
     crops = [_shown(pixels[b]) for b in range(len(images))]
     for b, crop in enumerate(crops):
         plot_vision_maps(report, out / f"vision_maps_{b}.png", grid, crop, batch=b)
-    print(_summary(report, out, seconds, torch.get_num_threads()))
+    print(_summary(report, out, seconds, torch.get_num_threads(), len(images)))
     return 0
 
 
@@ -93,9 +93,11 @@ def _shown(pixels) -> np.ndarray:
     return (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
 
 
-def _summary(report: dict, out: Path, seconds: float, threads: int) -> str:
+def _summary(report: dict, out: Path, seconds: float, threads: int, num_images: int) -> str:
     from .command import _summary as text_summary
 
-    names = report["tokens"]
-    report = dict(report, token_text=names)
-    return text_summary(report, out) + f"\nanalysis forward passes: {seconds:.1f} s on {threads} threads"
+    text = text_summary(dict(report, token_text=report["tokens"]), out)
+    return (
+        f"{text}, and {num_images} patch-grid maps (vision_maps_*.png)\n"
+        f"analysis forward passes: {seconds:.1f} s on {threads} threads"
+    )

@@ -89,3 +89,8 @@ def test_map_titles_give_the_cls_value(make_vit, images):
     figure = vision_maps_figure(report, (4, 4))
     norms = [report["massive_activations"]["layers"][at]["norms"][0][0] for at in (0, 1)]
     assert [ax.get_title() for ax in figure.axes[:2]] == [f"layer {at}\nCLS {n:.3g}" for at, n in zip((0, 1), norms)]
+
+
+def test_summary_mentions_the_maps(vision_dir, image_files, tmp_path, capsys):
+    _run(vision_dir, image_files, tmp_path / "out")
+    assert "2 patch-grid maps" in capsys.readouterr().out
