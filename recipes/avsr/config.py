@@ -63,7 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("TOP", "LEFT", "H", "W"),
         help="fixed mouth region cut from raw LRS3 face videos before cropping",
     )
-    g.add_argument("--max_frames", type=int, default=None, help="frame budget of a batch (video frames at 25 fps)")
+    g.add_argument(
+        "--max_frames",
+        type=int,
+        default=None,
+        help="frame budget of a training batch (video frames at 25 fps; default: Llama-AVSR's 1000 for asr, 1500 "
+        "for vsr/avsr on LRS3; none for the embedded corpus)",
+    )
     g.add_argument("--max_batch_size", type=int, default=16)
     g.add_argument("--max_test_utts", type=int, default=None, help="decode only the first N test utterances")
     g.add_argument(
@@ -107,6 +113,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--projector_hidden", type=int, default=None, help="projector MLP width (default 2048; 512 embedded)"
+    )
+    g.add_argument(
+        "--llm_dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="dtype of the frozen LLM's weights (bf16 as Llama-AVSR trains; the projectors and LoRA stay fp32)",
     )
     g.add_argument("--projector_layer_norm", action="store_true")
     g.add_argument("--lora_r", type=int, default=8)
@@ -154,6 +166,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="checkpoints kept per run, the newest (default: all)",
     )
     g.add_argument("--resume", default=None, help="checkpoint dir to resume from, or 'latest'")
+    g.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="no training: reload the finished run --resume_from <run>/final and decode the test set",
+    )
+    g.add_argument("--resume_from", default=None, help="--eval_only: a run's final/ folder (adapter + projectors)")
     g.add_argument("--num_beams", type=int, default=15)
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=16)
@@ -180,6 +198,7 @@ class ModelConfig:
     projector: str = "stack"
     projector_hidden: int = 2048
     projector_layer_norm: bool = False
+    llm_dtype: str = "fp32"
     cache_features: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -246,6 +265,8 @@ class RunConfig:
     num_beams: int
     max_new_tokens: int
     eval_untrained: bool
+    eval_only: bool
+    resume_from: Path | None
     encoder_pretrain_steps: int
     text_pretrain_steps: int
 
@@ -273,6 +294,17 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     embedded = args.data_dir is None
     if not embedded:
         _check_checkpoints_given(args)
+    several_runs = len(args.modality) > 1 or args.experiment == "sinks"
+    if args.resume not in (None, "latest") and several_runs:
+        raise ValueError(
+            f"--resume {args.resume} names one run's checkpoint, but this invocation trains several runs "
+            f"({'the sink experiment' if args.experiment == 'sinks' else ', '.join(args.modality)}): pass one "
+            "--modality, or --resume latest (each run resumes from its own newest checkpoint)"
+        )
+    if args.eval_only and not args.resume_from:
+        raise ValueError("--eval_only needs --resume_from <run>/final (the folder a finished run saved)")
+    if args.eval_only and args.experiment == "sinks":
+        raise ValueError("--eval_only decodes one finished run; it does not apply to --experiment sinks")
     output_dir = Path(args.output_dir)
     random_crop = not embedded if args.random_crop is None else args.random_crop
     cache_features = embedded if args.cache_features is None else args.cache_features
@@ -293,6 +325,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         projector=args.projector or ("avg" if args.experiment == "sinks" else "stack"),
         projector_hidden=args.projector_hidden or (512 if embedded else 2048),
         projector_layer_norm=args.projector_layer_norm,
+        llm_dtype=args.llm_dtype,
         cache_features=cache_features,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -309,6 +342,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         random_crop=random_crop,
         preload=embedded if args.preload is None else args.preload,
         max_frames=args.max_frames,
+        reference_budget=not embedded,
         max_batch_size=args.max_batch_size,
         eval_batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
@@ -353,6 +387,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         eval_untrained=args.eval_untrained,
+        eval_only=args.eval_only,
+        resume_from=Path(args.resume_from) if args.resume_from else None,
         encoder_pretrain_steps=args.encoder_pretrain_steps,
         text_pretrain_steps=args.text_pretrain_steps,
     )

@@ -58,3 +58,34 @@ def test_errors_are_raised_before_anything_runs():
         resolve_config(parse_args(["--data_dir", "/data/lrs3", "--llm", "l", "--modality", "asr"]))
     with pytest.raises(ValueError, match="--random_crop"):
         resolve_config(parse_args(["--cache_features", "--random_crop"]))
+
+
+def test_llm_dtype_and_the_reference_frame_budget():
+    embedded = resolve_config(parse_args(["--output_dir", "runs/x"]))
+    assert embedded.model.llm_dtype == "fp32"  # the default on CPU
+    assert embedded.loader.frame_budget("asr") is None  # the embedded corpus: max_batch_size only
+    argv = ["--data_dir", "/data/lrs3", "--llm", "l", "--audio_encoder", "a", "--video_encoder", "v"]
+    lrs3 = resolve_config(parse_args(argv + ["--llm_dtype", "bf16"]))
+    assert lrs3.model.llm_dtype == "bf16"
+    assert lrs3.loader.frame_budget("asr") == 1000  # Llama-AVSR's budgets
+    assert lrs3.loader.frame_budget("vsr") == 1500
+    assert lrs3.loader.frame_budget("avsr") == 1500
+    assert resolve_config(parse_args(argv + ["--max_frames", "700"])).loader.frame_budget("vsr") == 700
+
+
+def test_an_explicit_checkpoint_is_refused_for_several_runs():
+    with pytest.raises(ValueError, match="--resume latest"):
+        resolve_config(parse_args(["--resume", "runs/x/asr/checkpoints/step_2"]))  # asr, vsr and avsr
+    with pytest.raises(ValueError, match="one --modality"):
+        resolve_config(parse_args(["--resume", "step_2", "--experiment", "sinks", "--modality", "asr"]))
+    one = resolve_config(parse_args(["--resume", "runs/x/asr/checkpoints/step_2", "--modality", "asr"]))
+    assert one.train.resume == "runs/x/asr/checkpoints/step_2"
+    assert resolve_config(parse_args(["--resume", "latest"])).train.resume == "latest"
+
+
+def test_eval_only_needs_a_finished_run():
+    with pytest.raises(ValueError, match="--resume_from"):
+        resolve_config(parse_args(["--eval_only"]))
+    config = resolve_config(parse_args(["--eval_only", "--resume_from", "runs/x/asr/final"]))
+    assert config.eval_only
+    assert config.resume_from == Path("runs/x/asr/final")

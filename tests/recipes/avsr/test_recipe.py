@@ -1,6 +1,8 @@
 """AVSR recipe end to end on a tiny embedded corpus: results files, resume, bad files, the sink experiment."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +48,12 @@ def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
     assert all(h["loss"] > 0 for h in history)
     adapter = out / "avsr" / "final" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert any("lora_A" in k for k in load_file(adapter / "adapter_model.safetensors"))
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved)
+    llm_config = json.loads((out / "base_models" / "llm" / "config.json").read_text())
+    full = (llm_config["vocab_size"], llm_config["hidden_size"])
+    assert all(tuple(t.shape) != full for t in saved.values())  # no embed_tokens / lm_head of the frozen LLM
+    assert all(t.shape[0] != llm_config["vocab_size"] for t in saved.values())
     projectors = load_file(out / "avsr" / "final" / "projectors.safetensors")
     assert {k.split(".")[0] for k in projectors} == {"audio_proj", "video_proj"}
     assert len(read_manifest(out / "manifest_test.jsonl")) == 4
@@ -137,3 +144,40 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     assert all("ce" in h for h in decor_log)
     plain_log = json.loads((out / "sinks" / "asr_rate2_decor0" / "train_log.json").read_text())
     assert all("decor" not in h for h in plain_log)
+
+
+def test_eval_only_reproduces_the_finished_runs_wer(tmp_path):
+    out = tmp_path / "run"
+    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--no-eval_untrained"]
+    trained = main(common + ["--max_steps", "3"])["asr"]
+    final = out / "asr" / "final"
+    assert json.loads((final / "run.json").read_text())["modality"] == "asr"
+    evaluated = main(common + ["--eval_only", "--resume_from", str(final)])["asr"]
+    assert evaluated["test"] == trained["test"]  # WER, CER and the number of utterances, exactly
+    rows = [json.loads(line) for line in (out / "asr" / "decodes.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (out / "eval" / "decodes.jsonl").read_text().splitlines()]
+    assert again == rows  # the same hypotheses, utterance by utterance
+    assert "training" not in evaluated
+
+
+def test_two_processes_give_the_metrics_of_one(tmp_path):
+    """DDP over 2 CPU processes (gloo) against 1 process with 2 accumulation steps: the same batches per optimizer
+    step (6 batches of 4 per epoch, 3 epochs), so the same steps and test metrics; the run must also end (it hung
+    after the first epoch: each process has 3 batches per epoch, the resume arithmetic counted 6)."""
+    common = SMALL + ["--modality", "asr", "--epochs", "3", "--lora_dropout", "0", "--no-eval_untrained"]
+    one = main(common + ["--output_dir", str(tmp_path / "one"), "--grad_accum", "2"])["asr"]
+    two_dir = tmp_path / "two"
+    two_dir.mkdir()
+    for name in ("corpus", "base_models"):  # the same embedded corpus and stand-ins (rebuilt identically otherwise)
+        shutil.copytree(tmp_path / "one" / name, two_dir / name)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "recipes.avsr", *common, "--output_dir", str(two_dir)]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    two = json.loads((two_dir / "asr" / "results.json").read_text())
+    assert one["training"]["steps"] == 9
+    assert two["training"]["steps"] == 9
+    assert two["test"] == one["test"]
+    assert len(json.loads((two_dir / "asr" / "train_log.json").read_text())) == 9
