@@ -319,3 +319,15 @@ def test_a_video_without_an_audio_track_names_the_problem(tmp_path):
     with pytest.raises(AVSRDataError, match="no audio track") as err:
         load_audio(path)
     assert str(path) in str(err.value)
+
+
+def test_the_corpus_figure_is_made_by_a_command(tmp_path):
+    from PIL import Image
+
+    from recipes.avsr.figures import main as figures
+
+    out = tmp_path / "corpus.png"
+    figures(["--corpus", str(tmp_path / "corpus"), "--out", str(out), "--corpus_train", "2", "--corpus_test", "2"])
+    width, height = Image.open(out).size
+    assert width == 840
+    assert height > 300  # two utterances, each a log-mel and a row of mouth frames
