@@ -146,12 +146,56 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     assert all("decor" not in h for h in plain_log)
 
 
-def test_eval_only_reproduces_the_finished_runs_wer(tmp_path):
+def _llm_without_delimiters(path: Path) -> tuple[int, int]:
+    """A small untied Llama whose tokenizer lacks the modality delimiters (as a pretrained LLM's does): the recipe
+    adds them and grows the embedding and LM head. Returns the (vocab, hidden) shape of those."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from recipes.avsr.data.synthetic import GRAMMAR
+    from recipes.avsr.model import PROMPTS
+
+    words = {w for ws in GRAMMAR.values() for w in ws} | {w for p in PROMPTS.values() for w in p.lower().split()}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *sorted(words)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return len(vocab), 32
+
+
+def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tmp_path):
     out = tmp_path / "run"
-    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--no-eval_untrained"]
+    vocab, hidden = _llm_without_delimiters(tmp_path / "llm")
+    common = SMALL + [
+        "--output_dir",
+        str(out),
+        "--modality",
+        "asr",
+        "--no-eval_untrained",
+        "--llm",
+        str(tmp_path / "llm"),
+    ]
     trained = main(common + ["--max_steps", "3"])["asr"]
     final = out / "asr" / "final"
+    adapter = load_file(final / "adapter" / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in adapter)
+    assert all(t.shape[0] < vocab for t in adapter.values())  # no embedding / LM head of the LLM's (grown) size
+    added = load_file(final / "added_tokens.safetensors")
+    assert set(added) == {"embed_tokens", "lm_head"}  # untied: both get the rows of the 4 delimiters
+    assert added["embed_tokens"].shape == (4, hidden)
+    assert added["lm_head"].shape == (4, hidden)
     assert json.loads((final / "run.json").read_text())["modality"] == "asr"
+
     evaluated = main(common + ["--eval_only", "--resume_from", str(final)])["asr"]
     assert evaluated["test"] == trained["test"]  # WER, CER and the number of utterances, exactly
     rows = [json.loads(line) for line in (out / "asr" / "decodes.jsonl").read_text().splitlines()]
