@@ -14,6 +14,11 @@ from pathlib import Path
 from .data.loader import LoaderConfig
 from .stand_ins import stand_in_paths
 
+# LoRA settings: ours, and Llama-AVSR's (its README's commands: --reduction_lora 64 --alpha 8, no dropout)
+LORA_PRESETS = {
+    "default": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
+    "llama_avsr": {"lora_r": 64, "lora_alpha": 8, "lora_dropout": 0.0},
+}
 DESCRIPTION = "LLM-based ASR / VSR / AVSR with LoRA and optional sink decorrelation, in the Llama-AVSR style."
 
 
@@ -67,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_frames",
         type=int,
         default=None,
-        help="frame budget of a training batch (video frames at 25 fps; default: Llama-AVSR's 1000 for asr, 1500 "
-        "for vsr/avsr on LRS3; none for the embedded corpus)",
+        help="frame budget of a training batch (video frames at 25 fps; default: Llama-AVSR's 1000 for asr/avsr, "
+        "1500 for vsr on LRS3; none for the embedded corpus)",
     )
     g.add_argument("--max_batch_size", type=int, default=16)
     g.add_argument("--max_test_utts", type=int, default=None, help="decode only the first N test utterances")
@@ -121,9 +126,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dtype of the frozen LLM's weights (bf16 as Llama-AVSR trains; the projectors and LoRA stay fp32)",
     )
     g.add_argument("--projector_layer_norm", action="store_true")
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=int, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument(
+        "--lora_preset",
+        choices=sorted(LORA_PRESETS),
+        default="default",
+        help="LoRA rank/alpha/dropout: 'default' 8/16/0.05, 'llama_avsr' the reference's 64/8/0 (scale 1/8); "
+        "--lora_r/--lora_alpha/--lora_dropout override single values",
+    )
+    g.add_argument("--lora_r", type=int, default=None)
+    g.add_argument("--lora_alpha", type=int, default=None)
+    g.add_argument("--lora_dropout", type=float, default=None)
     g.add_argument("--lora_targets", nargs="+", default=["q_proj", "v_proj"])
 
     g = p.add_argument_group("sink decorrelation")
@@ -153,24 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's config"
     )
-    g.add_argument(
-        "--save_every",
-        type=int,
-        default=0,
-        help="checkpoint every N optimizer steps (0: no checkpoints; the final weights are always saved)",
-    )
-    g.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="checkpoints kept per run, the newest (default: all)",
-    )
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: none)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="newest checkpoints kept (default all)")
     g.add_argument("--resume", default=None, help="checkpoint dir to resume from, or 'latest'")
-    g.add_argument(
-        "--eval_only",
-        action="store_true",
-        help="no training: reload the finished run --resume_from <run>/final and decode the test set",
-    )
+    g.add_argument("--eval_only", action="store_true", help="decode the finished run --resume_from <run>/final")
     g.add_argument("--resume_from", default=None, help="--eval_only: a run's final/ folder (adapter + projectors)")
     g.add_argument("--num_beams", type=int, default=15)
     g.add_argument("--max_new_tokens", type=int, default=32)
@@ -327,9 +325,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         projector_layer_norm=args.projector_layer_norm,
         llm_dtype=args.llm_dtype,
         cache_features=cache_features,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in LORA_PRESETS[args.lora_preset].items()},
         lora_targets=tuple(args.lora_targets),
         decor_weight=args.decor_weight,
         decor_tokens=args.decor_tokens,

@@ -84,7 +84,8 @@ class LoaderConfig:
         max_frames: frame budget of a training batch (video frames at 25 fps, padded length times batch size);
             None: :data:`REFERENCE_FRAME_BUDGET` when ``reference_budget``, else the longest utterance times
             ``max_batch_size``.
-        reference_budget: Llama-AVSR's budget when ``max_frames`` is None (1,000 frames for asr, 1,500 otherwise).
+        reference_budget: Llama-AVSR's budget when ``max_frames`` is None (1,000 frames for asr and avsr, 1,500
+            for vsr).
         max_batch_size: utterances per training batch at most.
         eval_batch_size: utterances per test batch at most.
         num_workers: DataLoader worker processes.
@@ -107,8 +108,8 @@ class LoaderConfig:
         return REFERENCE_FRAME_BUDGET[modality] if self.reference_budget else None
 
 
-# Llama-AVSR's batches: the summed length is capped at 1,000 (audio) / 1,500 (video) frames at 25 fps
-REFERENCE_FRAME_BUDGET = {"asr": 1000, "vsr": 1500, "avsr": 1500}
+# Llama-AVSR's batches (its train.py defaults --max-frames-audio/-video/-audiovisual): 1,000 / 1,500 / 1,000 frames
+REFERENCE_FRAME_BUDGET = {"asr": 1000, "vsr": 1500, "avsr": 1000}
 
 
 def make_loader(

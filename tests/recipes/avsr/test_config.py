@@ -69,7 +69,7 @@ def test_llm_dtype_and_the_reference_frame_budget():
     assert lrs3.model.llm_dtype == "bf16"
     assert lrs3.loader.frame_budget("asr") == 1000  # Llama-AVSR's budgets
     assert lrs3.loader.frame_budget("vsr") == 1500
-    assert lrs3.loader.frame_budget("avsr") == 1500
+    assert lrs3.loader.frame_budget("avsr") == 1000
     assert resolve_config(parse_args(argv + ["--max_frames", "700"])).loader.frame_budget("vsr") == 700
 
 
@@ -89,3 +89,12 @@ def test_eval_only_needs_a_finished_run():
     config = resolve_config(parse_args(["--eval_only", "--resume_from", "runs/x/asr/final"]))
     assert config.eval_only
     assert config.resume_from == Path("runs/x/asr/final")
+
+
+def test_the_llama_avsr_lora_preset():
+    assert resolve_config(parse_args([])).model.lora_r == 8  # ours: 8 / 16 / 0.05
+    config = resolve_config(parse_args(["--lora_preset", "llama_avsr"]))
+    assert config.model.lora_r == 64
+    assert config.model.lora_alpha == 8
+    assert config.model.lora_dropout == 0.0
+    assert resolve_config(parse_args(["--lora_preset", "llama_avsr", "--lora_r", "16"])).model.lora_r == 16
