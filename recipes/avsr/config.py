@@ -170,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", default=None, help="checkpoint dir to resume from, or 'latest'")
     g.add_argument("--eval_only", action="store_true", help="decode the finished run --resume_from <run>/final")
     g.add_argument("--resume_from", default=None, help="--eval_only: a run's final/ folder (adapter + projectors)")
+    g.add_argument("--decode_snr_target", type=float, default=None, help="white noise at this SNR (dB) on test audio")
     g.add_argument("--num_beams", type=int, default=15)
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=16)
@@ -342,6 +343,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         max_batch_size=args.max_batch_size,
         eval_batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
+        test_snr_db=args.decode_snr_target,
     )
     train = TrainConfig(
         epochs=args.epochs or (12 if embedded else 10),

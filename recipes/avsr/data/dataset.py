@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,8 @@ class AVSRDataset(Dataset):
         train: whether augmentation (random crop) applies.
         max_audio_seconds: longer audio is skipped and counted, not cut (a Whisper encoder sees at most 30 s; its
             feature extractor would silently drop the rest while the video and transcript stay whole).
+        snr_db: add white noise at this signal-to-noise ratio to the audio (a noisy test set, Llama-AVSR's
+            ``--decode-snr-target``); the noise of an utterance is fixed by its uid, so every decode hears the same.
         preload: decode everything once now (fast epochs on small corpora; bad files are found up front). Decoded
             files are kept for the whole process, so later datasets over the same files (another modality, the test
             set again) do not decode them again.
@@ -87,6 +90,7 @@ class AVSRDataset(Dataset):
         train: bool = False,
         preload: bool = False,
         max_audio_seconds: float | None = None,
+        snr_db: float | None = None,
     ):
         if modality not in ("asr", "vsr", "avsr"):
             raise ValueError(f"modality must be 'asr', 'vsr' or 'avsr', got {modality!r}")
@@ -95,6 +99,7 @@ class AVSRDataset(Dataset):
         self.video_transform = video_transform or VideoTransform()
         self.train = train
         self.max_audio_seconds = max_audio_seconds
+        self.snr_db = snr_db
         self.bad: dict[str, str] = {}  # uid -> reason, for the report
         self._cache: dict[int, dict | None] | None = None
         self._memo = _DECODED if preload else None
@@ -159,4 +164,13 @@ class AVSRDataset(Dataset):
                 self.bad[raw["uid"]] = str(err)
                 logger.warning("skipping %s: %s", raw["uid"], err)
                 return Skipped(raw["uid"], str(err))
+        if "audio" in item and self.snr_db is not None:
+            item["audio"] = add_noise(item["audio"], self.snr_db, seed=zlib.crc32(item["uid"].encode()))
         return item
+
+
+def add_noise(wave: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """``wave`` plus white Gaussian noise at ``snr_db`` dB below its mean power (the same noise for the same seed)."""
+    power = float(np.mean(wave.astype(np.float64) ** 2)) + 1e-12
+    noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), size=wave.shape)
+    return (wave + noise).astype(np.float32)

@@ -89,6 +89,7 @@ class LoaderConfig:
         max_batch_size: utterances per training batch at most.
         eval_batch_size: utterances per test batch at most.
         num_workers: DataLoader worker processes.
+        test_snr_db: white noise at this SNR (dB) added to the test audio (None: clean).
     """
 
     crop_size: int | None = 88
@@ -100,6 +101,7 @@ class LoaderConfig:
     max_batch_size: int = 16
     eval_batch_size: int = 16
     num_workers: int = 0
+    test_snr_db: float | None = None
 
     def frame_budget(self, modality: str) -> int | None:
         """The frame budget of a training batch for ``modality`` (None: no budget but ``max_batch_size``)."""
@@ -143,7 +145,13 @@ def make_loader(
     if feature_extractor is not None and modality in ("asr", "avsr"):
         window = feature_extractor.n_samples / feature_extractor.sampling_rate
     dataset = AVSRDataset(
-        utterances, modality, transform, train=train, preload=config.preload, max_audio_seconds=window
+        utterances,
+        modality,
+        transform,
+        train=train,
+        preload=config.preload,
+        max_audio_seconds=window,
+        snr_db=None if train else config.test_snr_db,
     )
     dataset.bad.update({m.split(":")[0]: m for m in problems})
     lengths = dataset.lengths

@@ -331,3 +331,22 @@ def test_the_corpus_figure_is_made_by_a_command(tmp_path):
     width, height = Image.open(out).size
     assert width == 840
     assert height > 300  # two utterances, each a log-mel and a row of mouth frames
+
+
+def test_decode_snr_target_adds_fixed_noise_to_the_test_audio_only(tmp_path):
+    from recipes.avsr.config import parse_args, resolve_config
+    from recipes.avsr.data.loader import LoaderConfig, make_loader
+    from recipes.avsr.data.lrs3 import Utterance
+
+    assert resolve_config(parse_args(["--decode_snr_target", "5"])).loader.test_snr_db == 5.0
+    write_wav(tmp_path / "a.wav", _tone(50))
+    utts = [Utterance("a", None, str(tmp_path / "a.wav"), "x", 50)]
+    clean = next(iter(make_loader(LoaderConfig(), utts, "asr", _extractor(), train=False)))
+    noisy_loader = make_loader(LoaderConfig(test_snr_db=0.0), utts, "asr", _extractor(), train=False)
+    train_loader = make_loader(LoaderConfig(test_snr_db=0.0), utts, "asr", _extractor(), train=True)
+    wave, noisy = load_audio(tmp_path / "a.wav"), noisy_loader.dataset[0]["audio"]
+    snr = 10 * np.log10(np.mean(wave**2) / np.mean((noisy - wave) ** 2))
+    assert abs(snr) < 0.3  # 0 dB: as much noise as signal
+    assert np.array_equal(noisy_loader.dataset[0]["audio"], noisy)  # the same noise at every decode
+    assert np.array_equal(train_loader.dataset[0]["audio"], wave)  # training audio stays clean
+    assert not np.allclose(next(iter(noisy_loader))["audio_features"], clean["audio_features"])
