@@ -84,3 +84,19 @@ def test_loss_parts_survive_bf16_mixed_precision(bf16_accelerator):
     assert out.decorrelation_loss is not None
     assert out.ce_loss is not None
     assert torch.allclose(out.loss, out.ce_loss + 0.5 * out.decorrelation_loss, rtol=1e-2)
+
+
+def test_encoder_pretraining_on_undecodable_files_stops_with_an_error(tmp_path):
+    from recipes.avsr.stand_ins import pretrain_encoders_ctc, tiny_video_encoder
+
+    utts = []
+    for i in range(3):
+        (tmp_path / f"{i}.mp4").write_bytes(b"not a video")
+        (tmp_path / f"{i}.wav").write_bytes(b"not audio")
+        utts.append(Utterance(f"u{i}", str(tmp_path / f"{i}.mp4"), str(tmp_path / f"{i}.wav"), "bin blue", 10))
+    audio, extractor = tiny_audio_encoder(seconds=2, d_model=32, layers=1, heads=2)
+    tokenizer = build_word_tokenizer(WORDS)
+    with pytest.raises(RuntimeError, match="3 skipped"):
+        pretrain_encoders_ctc(
+            audio, tiny_video_encoder(32), extractor, tokenizer, utts, LoaderConfig(crop_size=None), 2
+        )
