@@ -14,6 +14,11 @@ from pathlib import Path
 from .data.loader import LoaderConfig
 from .stand_ins import stand_in_paths
 
+# LoRA settings: ours, and Llama-AVSR's (its README's commands: --reduction_lora 64 --alpha 8, no dropout)
+LORA_PRESETS = {
+    "default": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
+    "llama_avsr": {"lora_r": 64, "lora_alpha": 8, "lora_dropout": 0.0},
+}
 DESCRIPTION = "LLM-based ASR / VSR / AVSR with LoRA and optional sink decorrelation, in the Llama-AVSR style."
 
 
@@ -63,7 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("TOP", "LEFT", "H", "W"),
         help="fixed mouth region cut from raw LRS3 face videos before cropping",
     )
-    g.add_argument("--max_frames", type=int, default=None, help="frame budget of a batch (video frames at 25 fps)")
+    g.add_argument(
+        "--max_frames",
+        type=int,
+        default=None,
+        help="frame budget of a training batch (video frames at 25 fps; default: Llama-AVSR's 1000 for asr/avsr, "
+        "1500 for vsr on LRS3; none for the embedded corpus)",
+    )
     g.add_argument("--max_batch_size", type=int, default=16)
     g.add_argument("--max_test_utts", type=int, default=None, help="decode only the first N test utterances")
     g.add_argument(
@@ -108,10 +119,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--projector_hidden", type=int, default=None, help="projector MLP width (default 2048; 512 embedded)"
     )
+    g.add_argument(
+        "--llm_dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="dtype of the frozen LLM's weights (bf16 as Llama-AVSR trains; the projectors and LoRA stay fp32)",
+    )
     g.add_argument("--projector_layer_norm", action="store_true")
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=int, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument(
+        "--lora_preset",
+        choices=sorted(LORA_PRESETS),
+        default="default",
+        help="LoRA rank/alpha/dropout: 'default' 8/16/0.05, 'llama_avsr' the reference's 64/8/0 (scale 1/8); "
+        "--lora_r/--lora_alpha/--lora_dropout override single values",
+    )
+    g.add_argument("--lora_r", type=int, default=None)
+    g.add_argument("--lora_alpha", type=int, default=None)
+    g.add_argument("--lora_dropout", type=float, default=None)
     g.add_argument("--lora_targets", nargs="+", default=["q_proj", "v_proj"])
 
     g = p.add_argument_group("sink decorrelation")
@@ -141,19 +165,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's config"
     )
-    g.add_argument(
-        "--save_every",
-        type=int,
-        default=0,
-        help="checkpoint every N optimizer steps (0: no checkpoints; the final weights are always saved)",
-    )
-    g.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="checkpoints kept per run, the newest (default: all)",
-    )
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0: none)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="newest checkpoints kept (default all)")
     g.add_argument("--resume", default=None, help="checkpoint dir to resume from, or 'latest'")
+    g.add_argument("--eval_only", action="store_true", help="decode the finished run --resume_from <run>/final")
+    g.add_argument("--resume_from", default=None, help="--eval_only: a run's final/ folder (adapter + projectors)")
+    g.add_argument("--decode_snr_target", type=float, default=None, help="white noise at this SNR (dB) on test audio")
     g.add_argument("--num_beams", type=int, default=15)
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=16)
@@ -180,6 +197,7 @@ class ModelConfig:
     projector: str = "stack"
     projector_hidden: int = 2048
     projector_layer_norm: bool = False
+    llm_dtype: str = "fp32"
     cache_features: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -246,6 +264,8 @@ class RunConfig:
     num_beams: int
     max_new_tokens: int
     eval_untrained: bool
+    eval_only: bool
+    resume_from: Path | None
     encoder_pretrain_steps: int
     text_pretrain_steps: int
 
@@ -273,6 +293,17 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     embedded = args.data_dir is None
     if not embedded:
         _check_checkpoints_given(args)
+    several_runs = len(args.modality) > 1 or args.experiment == "sinks"
+    if args.resume not in (None, "latest") and several_runs:
+        raise ValueError(
+            f"--resume {args.resume} names one run's checkpoint, but this invocation trains several runs "
+            f"({'the sink experiment' if args.experiment == 'sinks' else ', '.join(args.modality)}): pass one "
+            "--modality, or --resume latest (each run resumes from its own newest checkpoint)"
+        )
+    if args.eval_only and not args.resume_from:
+        raise ValueError("--eval_only needs --resume_from <run>/final (the folder a finished run saved)")
+    if args.eval_only and args.experiment == "sinks":
+        raise ValueError("--eval_only decodes one finished run; it does not apply to --experiment sinks")
     output_dir = Path(args.output_dir)
     random_crop = not embedded if args.random_crop is None else args.random_crop
     cache_features = embedded if args.cache_features is None else args.cache_features
@@ -293,10 +324,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         projector=args.projector or ("avg" if args.experiment == "sinks" else "stack"),
         projector_hidden=args.projector_hidden or (512 if embedded else 2048),
         projector_layer_norm=args.projector_layer_norm,
+        llm_dtype=args.llm_dtype,
         cache_features=cache_features,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in LORA_PRESETS[args.lora_preset].items()},
         lora_targets=tuple(args.lora_targets),
         decor_weight=args.decor_weight,
         decor_tokens=args.decor_tokens,
@@ -309,9 +339,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         random_crop=random_crop,
         preload=embedded if args.preload is None else args.preload,
         max_frames=args.max_frames,
+        reference_budget=not embedded,
         max_batch_size=args.max_batch_size,
         eval_batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
+        test_snr_db=args.decode_snr_target,
     )
     train = TrainConfig(
         epochs=args.epochs or (12 if embedded else 10),
@@ -353,6 +385,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         eval_untrained=args.eval_untrained,
+        eval_only=args.eval_only,
+        resume_from=Path(args.resume_from) if args.resume_from else None,
         encoder_pretrain_steps=args.encoder_pretrain_steps,
         text_pretrain_steps=args.text_pretrain_steps,
     )

@@ -142,7 +142,11 @@ class LipEncoderModel(PreTrainedModel):
 
 
 class FrameWiseImageEncoder(nn.Module):
-    """Any transformers image model applied to each frame (grayscale repeated to its channels), pooled per frame."""
+    """Any transformers image model applied to each frame (grayscale repeated to its channels), pooled per frame.
+
+    A model with a fixed input size (``config.image_size``, e.g. a ViT pretrained at 224 px, whose position
+    embeddings fit that size) gets its frames resized to it (bilinear), so 88 x 88 mouth crops need no flag.
+    """
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
@@ -155,9 +159,21 @@ class FrameWiseImageEncoder(nn.Module):
         c = self.model.config
         return getattr(c, "hidden_size", None) or c.hidden_sizes[-1]
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The ``(height, width)`` the image model was built for, or None when it takes any size."""
+        size = getattr(self.model.config, "image_size", None)
+        if size is None:
+            return None
+        return (size, size) if isinstance(size, int) else tuple(size)
+
     def forward(self, pixel_values: torch.Tensor, lengths: torch.Tensor | None = None) -> BaseModelOutput:
         b, t, h, w = pixel_values.shape
-        frames = pixel_values.reshape(b * t, 1, h, w).expand(-1, self.channels, -1, -1)
+        frames = pixel_values.reshape(b * t, 1, h, w)
+        size = self.input_size
+        if size is not None and (h, w) != size:
+            frames = nn.functional.interpolate(frames, size=size, mode="bilinear", align_corners=False)
+        frames = frames.expand(-1, self.channels, -1, -1)
         out = self.model(pixel_values=frames)
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .lip_encoder import video_hidden_size
 
@@ -35,10 +36,17 @@ SEG = {name: i for i, name in enumerate(SEGMENTS)}
 
 
 def load_audio_encoder(name_or_path: str) -> tuple[nn.Module, object]:
-    """The encoder of a Whisper checkpoint (full model or encoder-only save) and its feature extractor."""
+    """The encoder of a Whisper checkpoint (full model or encoder-only save) and its feature extractor.
+
+    ``"whisper-tiny.en"`` is the bundled tiny.en (converted from CTranslate2 on first use); a CTranslate2 folder
+    raises a ``ValueError`` naming the conversion command.
+    """
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+    from peft_gnnmoe.pretrained.whisper_ct2 import resolve_whisper
+
+    name_or_path = resolve_whisper(name_or_path)
     config = WhisperConfig.from_pretrained(name_or_path)
     if "WhisperEncoder" in (config.architectures or []):
         encoder = WhisperEncoder.from_pretrained(name_or_path)
@@ -135,8 +143,11 @@ def assemble_sequences(
 
     Labels are ``-100`` everywhere except the transcript tokens and EOS.
     """
-    device = embed.weight.device
+    device, dtype = embed.weight.device, embed.weight.dtype
     b = (audio or video)[0].shape[0]
+    # the projectors' outputs join the LLM's own embeddings: its device and dtype (a bf16 LLM gets bf16 inputs)
+    audio = None if audio is None else (audio[0].to(device=device, dtype=dtype), audio[1])
+    video = None if video is None else (video[0].to(device=device, dtype=dtype), video[1])
 
     def tok(token_ids: list[int]) -> torch.Tensor:
         return embed(torch.tensor(token_ids, device=device, dtype=torch.long))
@@ -178,6 +189,24 @@ def assemble_sequences(
         if labels is not None:
             labels[i, sl] = label_rows[i]
     return SequenceBatch(embeds, mask, labels, segments)
+
+
+@dataclass
+class AVSROutput(ModelOutput):
+    """The AVSR model's training output: the loss and, with sink decorrelation, its two parts.
+
+    Declared fields (not attributes added afterwards) survive accelerate's mixed-precision output conversion.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    decorrelation_loss: torch.Tensor | None = None
+
+
+def batch_to(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on ``device`` (lists and strings unchanged)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class AVSRModel(nn.Module):
@@ -246,6 +275,11 @@ class AVSRModel(nn.Module):
         self.ids.update(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
         self.prompt_ids = tokenizer(PROMPTS[modality], add_special_tokens=False).input_ids
 
+    @property
+    def device(self) -> torch.device:
+        """Where the LLM's input embedding is: every batch tensor is moved there (training, evaluation, decoding)."""
+        return self.llm.get_input_embeddings().weight.device
+
     def train(self, mode: bool = True) -> AVSRModel:
         super().train(mode)
         for enc in (self.audio_encoder, self.video_encoder):  # frozen encoders stay in eval mode (BatchNorm, dropout)
@@ -306,6 +340,7 @@ class AVSRModel(nn.Module):
                 "the batch has no transcript_ids; build its AVSRCollator with the LLM's tokenizer "
                 "(AVSRCollator(feature_extractor, tokenizer))"
             )
+        batch = batch_to(batch, self.device)
         audio, video = self.encode(batch)
         transcripts = batch["transcript_ids"] if with_transcript else None
         return assemble_sequences(
@@ -315,8 +350,12 @@ class AVSRModel(nn.Module):
     def forward(self, batch: dict, **kwargs):
         """Teacher-forced pass; returns the LLM's output (``.loss`` is CE on the transcript, plus any tuner loss)."""
         seq = self.assemble(batch, with_transcript=True)
-        return self.llm(
-            inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, labels=seq.labels, **kwargs
+        out = self.llm(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, labels=seq.labels, **kwargs)
+        return AVSROutput(
+            loss=out.loss,
+            logits=out.logits,
+            ce_loss=getattr(out, "ce_loss", None),
+            decorrelation_loss=getattr(out, "decorrelation_loss", None),
         )
 
     @torch.no_grad()

@@ -177,11 +177,14 @@ def pretrain_encoders_ctc(
     while bar.n < steps:
         loader.batch_sampler.set_epoch(epoch)
         epoch += 1
+        usable, skipped = 0, {}
         for batch in loader:
             if bar.n >= steps:
                 break
+            skipped.update(batch["skipped"])
             if not batch["uids"]:
                 continue
+            usable += 1
             targets = batch["transcript_ids"]
             flat = torch.tensor([i for t in targets for i in t])
             target_lengths = torch.tensor([len(t) for t in targets])
@@ -202,6 +205,11 @@ def pretrain_encoders_ctc(
             schedule.step()
             optimizer.zero_grad()
             bar.update(1)
+        if not usable and bar.n < steps:  # every epoch would be the same: stop instead of spinning
+            raise RuntimeError(
+                f"encoder pretraining: no training file could be read ({len(skipped)} skipped, e.g. "
+                f"{list(skipped.values())[:3]})"
+            )
     bar.close()
     encoders.eval()
     return losses

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 
 from .config import RunConfig, parse_args, resolve_config
-from .data.lrs3 import Utterance, load_splits
+from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
-from .loop import Log, make_accelerator, results_table, run
+from .loop import Log, evaluate_final, make_accelerator, results_table, run
 from .sinks import run_sink_experiment
 from .stand_ins import build_stand_ins
 
@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     if config.experiment == "sinks":
         run_sink_experiment(config, accelerator, splits, log)
         return {}
-    results = [run(config, accelerator, splits, m, out / m, log)[0] for m in config.modalities]
+    if config.eval_only:
+        results = [evaluate_final(config, accelerator, splits, out / "eval", log)]
+    else:
+        results = [run(config, accelerator, splits, m, out / m, log)[0] for m in config.modalities]
     table = results_table(results)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -57,6 +60,9 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
             corpus = SyntheticCorpusConfig(n_train=config.corpus_train, n_test=config.corpus_test, seed=config.seed)
             build_synthetic_corpus(config.data_dir, corpus)
         accelerator.wait_for_everyone()
+    if not config.embedded:
+        layout = detect_layout(config.data_dir) if config.layout == "auto" else config.layout
+        check_mouth_crop(layout, config.loader.mouth_box, uses_video={"vsr", "avsr"} & set(config.modalities))
     splits = load_splits(
         config.data_dir,
         config.output_dir,

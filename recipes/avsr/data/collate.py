@@ -34,7 +34,8 @@ def tokenize_transcripts(tokenizer, texts: list[str]) -> list[list[int]]:
 
 @dataclass
 class AVSRCollator:
-    """Pads a list of dataset items into a batch; ``None`` items (unreadable files) are dropped and counted.
+    """Pads a list of dataset items into a batch; unreadable items (``Skipped`` or None) are dropped and counted,
+    and ``batch["skipped"]`` maps their uids to the reasons (it reaches the training process from any worker).
 
     Audio becomes log-mel features through ``feature_extractor`` (a transformers ``WhisperFeatureExtractor``: the
     encoder needs its fixed input length) plus the number of valid 50 Hz encoder frames; video is padded in time.
@@ -46,10 +47,14 @@ class AVSRCollator:
     tokenizer: object | None = None
     skipped: int = field(default=0, init=False)
 
-    def __call__(self, items: list[dict | None]) -> dict:
-        good = [it for it in items if it is not None]
+    def __call__(self, items: list) -> dict:
+        good = [it for it in items if isinstance(it, dict)]
         self.skipped += len(items) - len(good)
-        batch: dict = {"uids": [it["uid"] for it in good], "texts": [it["text"] for it in good]}
+        batch: dict = {
+            "uids": [it["uid"] for it in good],
+            "texts": [it["text"] for it in good],
+            "skipped": {it.uid: it.reason for it in items if hasattr(it, "reason")},  # dataset.Skipped
+        }
         if not good:
             return batch
         if self.tokenizer is not None:

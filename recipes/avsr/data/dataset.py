@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .lrs3 import Utterance
-from .media import SAMPLES_PER_FRAME, AVSRDataError, cut_or_pad, load_audio, load_video
+from .media import AUDIO_RATE, SAMPLES_PER_FRAME, AVSRDataError, cut_or_pad, load_audio, load_video
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,30 @@ class VideoTransform:
         return ((frames.astype(np.float32) / 255.0) - LRS3_MEAN) / LRS3_STD
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What the dataset returns for an unreadable utterance: its uid and why. The collator puts it into the batch
+    (``batch["skipped"]``), so the count survives DataLoader worker processes."""
+
+    uid: str
+    reason: str
+
+
 _DECODED: dict[tuple[str, str], np.ndarray] = {}  # (loader, path) -> decoded stream, filled by preloading datasets
 
 
 class AVSRDataset(Dataset):
-    """Decodes an utterance's streams on access; an unreadable utterance yields ``None`` and is counted.
+    """Decodes an utterance's streams on access; an unreadable utterance yields a :class:`Skipped` and is counted.
 
     Args:
         utterances: manifest rows.
         modality: ``"asr"``, ``"vsr"`` or ``"avsr"``: which streams are decoded.
         video_transform: crop/normalisation of the frames.
         train: whether augmentation (random crop) applies.
+        max_audio_seconds: longer audio is skipped and counted, not cut (a Whisper encoder sees at most 30 s; its
+            feature extractor would silently drop the rest while the video and transcript stay whole).
+        snr_db: add white noise at this signal-to-noise ratio to the audio (a noisy test set, Llama-AVSR's
+            ``--decode-snr-target``); the noise of an utterance is fixed by its uid, so every decode hears the same.
         preload: decode everything once now (fast epochs on small corpora; bad files are found up front). Decoded
             files are kept for the whole process, so later datasets over the same files (another modality, the test
             set again) do not decode them again.
@@ -75,6 +89,8 @@ class AVSRDataset(Dataset):
         video_transform: VideoTransform | None = None,
         train: bool = False,
         preload: bool = False,
+        max_audio_seconds: float | None = None,
+        snr_db: float | None = None,
     ):
         if modality not in ("asr", "vsr", "avsr"):
             raise ValueError(f"modality must be 'asr', 'vsr' or 'avsr', got {modality!r}")
@@ -82,6 +98,8 @@ class AVSRDataset(Dataset):
         self.modality = modality
         self.video_transform = video_transform or VideoTransform()
         self.train = train
+        self.max_audio_seconds = max_audio_seconds
+        self.snr_db = snr_db
         self.bad: dict[str, str] = {}  # uid -> reason, for the report
         self._cache: dict[int, dict | None] | None = None
         self._memo = _DECODED if preload else None
@@ -109,6 +127,14 @@ class AVSRDataset(Dataset):
                 wave = self._load(load_audio, u.audio)
                 if "frames" in item:  # align lengths: 640 samples per frame
                     wave = cut_or_pad(wave, item["frames"].shape[0] * SAMPLES_PER_FRAME)
+                seconds = len(wave) / AUDIO_RATE
+                if self.max_audio_seconds is not None and seconds > self.max_audio_seconds:
+                    raise AVSRDataError(
+                        f"audio {u.audio} lasts {seconds:.1f} s, longer than the audio encoder's "
+                        f"{self.max_audio_seconds:g} s input (it would be cut while video and transcript stay "
+                        "whole); segment long utterances first (auto_avsr's preprocessing cuts LRS3 pretrain "
+                        "utterances at word boundaries)"
+                    )
                 item["audio"] = wave
             return item
         except AVSRDataError as err:
@@ -125,10 +151,11 @@ class AVSRDataset(Dataset):
             self._memo[key] = loader(path)
         return self._memo[key]
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict | Skipped:
         raw = self._cache[index] if self._cache is not None else self._decode(index)
         if raw is None:
-            return None
+            uid = self.utterances[index].uid
+            return Skipped(uid, self.bad[uid])
         item = {k: v for k, v in raw.items() if k != "frames"}
         if "frames" in raw:
             try:
@@ -136,5 +163,14 @@ class AVSRDataset(Dataset):
             except AVSRDataError as err:
                 self.bad[raw["uid"]] = str(err)
                 logger.warning("skipping %s: %s", raw["uid"], err)
-                return None
+                return Skipped(raw["uid"], str(err))
+        if "audio" in item and self.snr_db is not None:
+            item["audio"] = add_noise(item["audio"], self.snr_db, seed=zlib.crc32(item["uid"].encode()))
         return item
+
+
+def add_noise(wave: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """``wave`` plus white Gaussian noise at ``snr_db`` dB below its mean power (the same noise for the same seed)."""
+    power = float(np.mean(wave.astype(np.float64) ** 2)) + 1e-12
+    noise = np.random.default_rng(seed).normal(0.0, np.sqrt(power / 10 ** (snr_db / 10)), size=wave.shape)
+    return (wave + noise).astype(np.float32)

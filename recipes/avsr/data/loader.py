@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from .collate import AVSRCollator
 from .dataset import AVSRDataset, VideoTransform
 from .lrs3 import Utterance, check_files
+from .media import AVSRDataError
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -80,11 +81,15 @@ class LoaderConfig:
         mouth_box: ``(top, left, height, width)`` cut from raw LRS3 face videos before cropping.
         random_crop: random crop of the training frames.
         preload: decode every file once into memory.
-        max_frames: frame budget of a training batch (video frames at 25 fps); None: the longest utterance times
+        max_frames: frame budget of a training batch (video frames at 25 fps, padded length times batch size);
+            None: :data:`REFERENCE_FRAME_BUDGET` when ``reference_budget``, else the longest utterance times
             ``max_batch_size``.
+        reference_budget: Llama-AVSR's budget when ``max_frames`` is None (1,000 frames for asr and avsr, 1,500
+            for vsr).
         max_batch_size: utterances per training batch at most.
         eval_batch_size: utterances per test batch at most.
         num_workers: DataLoader worker processes.
+        test_snr_db: white noise at this SNR (dB) added to the test audio (None: clean).
     """
 
     crop_size: int | None = 88
@@ -92,9 +97,21 @@ class LoaderConfig:
     random_crop: bool = False
     preload: bool = False
     max_frames: int | None = None
+    reference_budget: bool = False
     max_batch_size: int = 16
     eval_batch_size: int = 16
     num_workers: int = 0
+    test_snr_db: float | None = None
+
+    def frame_budget(self, modality: str) -> int | None:
+        """The frame budget of a training batch for ``modality`` (None: no budget but ``max_batch_size``)."""
+        if self.max_frames is not None:
+            return self.max_frames
+        return REFERENCE_FRAME_BUDGET[modality] if self.reference_budget else None
+
+
+# Llama-AVSR's batches (its train.py defaults --max-frames-audio/-video/-audiovisual): 1,000 / 1,500 / 1,000 frames
+REFERENCE_FRAME_BUDGET = {"asr": 1000, "vsr": 1500, "avsr": 1000}
 
 
 def make_loader(
@@ -108,18 +125,38 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over ``utterances`` with length-bucketed batches (``loader.dataset`` counts the skipped files).
 
-    Utterances whose files are missing are dropped with a warning and counted in ``loader.dataset.bad``.
+    Utterances whose files are missing are dropped with a warning and counted in ``loader.dataset.bad``; when none
+    is left, an :class:`AVSRDataError` names the missing files. Audio longer than the feature extractor's window
+    (30 s for Whisper) is skipped and counted, never cut.
     """
+    n_given = len(utterances)
     utterances, problems = check_files(utterances, modality)
     for msg in problems:
         print(f"warning: skipping {msg}", file=sys.stderr)
+    if not utterances:
+        raise AVSRDataError(
+            f"none of the {n_given} {'training' if train else 'test'} utterances has its files "
+            f"({len(problems)} missing), e.g. {problems[:3]}; check --data_dir and the labels CSV"
+        )
     transform = VideoTransform(
         crop_size=config.crop_size, mouth_box=config.mouth_box, random_crop=train and config.random_crop
     )
-    dataset = AVSRDataset(utterances, modality, transform, train=train, preload=config.preload)
+    window = None
+    if feature_extractor is not None and modality in ("asr", "avsr"):
+        window = feature_extractor.n_samples / feature_extractor.sampling_rate
+    dataset = AVSRDataset(
+        utterances,
+        modality,
+        transform,
+        train=train,
+        preload=config.preload,
+        max_audio_seconds=window,
+        snr_db=None if train else config.test_snr_db,
+    )
     dataset.bad.update({m.split(":")[0]: m for m in problems})
     lengths = dataset.lengths
-    max_frames = config.max_frames or max(lengths) * config.max_batch_size
+    budget = config.frame_budget(modality) if train else config.max_frames
+    max_frames = budget or max(lengths) * config.max_batch_size
     sampler = LengthBucketSampler(
         lengths,
         max(max_frames, max(lengths)),

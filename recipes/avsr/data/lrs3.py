@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -206,3 +207,17 @@ def load_splits(
         write_manifest(utts, Path(manifest_dir) / f"manifest_{name}.jsonl")
         log(f"{name}: {len(utts)} utterances ({layout} layout, {root})")
     return splits
+
+
+def check_mouth_crop(layout: str, mouth_box: Sequence[int] | None, uses_video: bool = True) -> None:
+    """Warn when raw LRS3 face videos would feed the video stream without a mouth region (a centre crop of the
+    whole face, not of the lips)."""
+    if layout == "raw" and uses_video and mouth_box is None:
+        warnings.warn(
+            "raw LRS3 videos show whole faces: without --mouth_box the video stream is a centre crop of the face, "
+            "not the mouth. Crop the mouths first with auto_avsr's landmark-based preprocessing (its preparation "
+            "scripts: face landmarks -> 96x96 mouth region) and pass that auto_avsr layout as --data_dir, or give "
+            "a fixed --mouth_box TOP LEFT H W",
+            UserWarning,
+            stacklevel=2,
+        )

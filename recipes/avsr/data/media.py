@@ -58,6 +58,11 @@ def _load_mp4_audio(path: str) -> np.ndarray:
 
     try:
         with av.open(path) as container:
+            if not container.streams.audio:
+                raise AVSRDataError(
+                    f"{path} has no audio track (asr/avsr need one; use --modality vsr, or give its audio as a "
+                    "same-stem .wav in the auto_avsr layout)"
+                )
             resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE)
             chunks = []
             for frame in container.decode(audio=0):

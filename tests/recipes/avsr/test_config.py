@@ -58,3 +58,43 @@ def test_errors_are_raised_before_anything_runs():
         resolve_config(parse_args(["--data_dir", "/data/lrs3", "--llm", "l", "--modality", "asr"]))
     with pytest.raises(ValueError, match="--random_crop"):
         resolve_config(parse_args(["--cache_features", "--random_crop"]))
+
+
+def test_llm_dtype_and_the_reference_frame_budget():
+    embedded = resolve_config(parse_args(["--output_dir", "runs/x"]))
+    assert embedded.model.llm_dtype == "fp32"  # the default on CPU
+    assert embedded.loader.frame_budget("asr") is None  # the embedded corpus: max_batch_size only
+    argv = ["--data_dir", "/data/lrs3", "--llm", "l", "--audio_encoder", "a", "--video_encoder", "v"]
+    lrs3 = resolve_config(parse_args(argv + ["--llm_dtype", "bf16"]))
+    assert lrs3.model.llm_dtype == "bf16"
+    assert lrs3.loader.frame_budget("asr") == 1000  # Llama-AVSR's budgets
+    assert lrs3.loader.frame_budget("vsr") == 1500
+    assert lrs3.loader.frame_budget("avsr") == 1000
+    assert resolve_config(parse_args(argv + ["--max_frames", "700"])).loader.frame_budget("vsr") == 700
+
+
+def test_an_explicit_checkpoint_is_refused_for_several_runs():
+    with pytest.raises(ValueError, match="--resume latest"):
+        resolve_config(parse_args(["--resume", "runs/x/asr/checkpoints/step_2"]))  # asr, vsr and avsr
+    with pytest.raises(ValueError, match="one --modality"):
+        resolve_config(parse_args(["--resume", "step_2", "--experiment", "sinks", "--modality", "asr"]))
+    one = resolve_config(parse_args(["--resume", "runs/x/asr/checkpoints/step_2", "--modality", "asr"]))
+    assert one.train.resume == "runs/x/asr/checkpoints/step_2"
+    assert resolve_config(parse_args(["--resume", "latest"])).train.resume == "latest"
+
+
+def test_eval_only_needs_a_finished_run():
+    with pytest.raises(ValueError, match="--resume_from"):
+        resolve_config(parse_args(["--eval_only"]))
+    config = resolve_config(parse_args(["--eval_only", "--resume_from", "runs/x/asr/final"]))
+    assert config.eval_only
+    assert config.resume_from == Path("runs/x/asr/final")
+
+
+def test_the_llama_avsr_lora_preset():
+    assert resolve_config(parse_args([])).model.lora_r == 8  # ours: 8 / 16 / 0.05
+    config = resolve_config(parse_args(["--lora_preset", "llama_avsr"]))
+    assert config.model.lora_r == 64
+    assert config.model.lora_alpha == 8
+    assert config.model.lora_dropout == 0.0
+    assert resolve_config(parse_args(["--lora_preset", "llama_avsr", "--lora_r", "16"])).model.lora_r == 16

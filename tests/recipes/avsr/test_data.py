@@ -248,3 +248,105 @@ def test_stream_rates_and_transcript_tokens():
     tokenizer = build_word_tokenizer(["place", "blue"])
     batch = AVSRCollator(tokenizer=tokenizer)([{"uid": "u", "text": "place blue", "video": np.zeros((3, 8, 8))}])
     assert batch["transcript_ids"] == [tokenizer.convert_tokens_to_ids(["place", "blue"])]
+
+
+def test_audio_longer_than_the_whisper_window_is_skipped_and_counted_not_cut(tmp_path):
+    from transformers import WhisperFeatureExtractor
+
+    from recipes.avsr.data.loader import LoaderConfig, make_loader
+    from recipes.avsr.data.lrs3 import Utterance
+
+    long_wav, short_wav = tmp_path / "long.wav", tmp_path / "short.wav"
+    write_wav(long_wav, _tone(int(31 * 25)))  # 31 s: Whisper's extractor keeps 30 s
+    write_wav(short_wav, _tone(50))
+    utts = [
+        Utterance("long", None, str(long_wav), "a long one", 775),
+        Utterance("short", None, str(short_wav), "b", 50),
+    ]
+    extractor = WhisperFeatureExtractor()  # the real 30 s window, 80 mels
+    loader = make_loader(LoaderConfig(crop_size=None), utts, "asr", extractor, train=False)
+    batches = list(loader)
+    assert [u for b in batches for u in b["uids"]] == ["short"]
+    skipped = {k: v for b in batches for k, v in b["skipped"].items()}
+    assert list(skipped) == ["long"]
+    assert "31.0 s" in skipped["long"]
+    assert "segment" in skipped["long"]  # the fix is named
+    assert list(loader.dataset.bad) == ["long"]
+
+
+def test_raw_face_videos_without_a_mouth_box_warn():
+    import warnings
+
+    from recipes.avsr.data.lrs3 import check_mouth_crop
+
+    with pytest.warns(UserWarning, match="--mouth_box"):
+        check_mouth_crop("raw", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_mouth_crop("raw", (10, 10, 40, 40))  # a mouth box is given
+        check_mouth_crop("auto_avsr", None)  # already mouth crops
+        check_mouth_crop("raw", None, uses_video=False)  # asr reads only the sound track
+
+
+def test_skipped_files_are_counted_in_the_batches_with_workers(tmp_path):
+    from recipes.avsr.data.loader import LoaderConfig, make_loader
+
+    utts = scan_auto_avsr(_auto_avsr_root(tmp_path), "lrs3_train_transcript_lengths_seg24s.csv")
+    config = LoaderConfig(crop_size=44, num_workers=2, max_batch_size=2)
+    loader = make_loader(config, utts, "avsr", _extractor(), train=True)
+    batches = list(loader)
+    skipped = {k: v for b in batches for k, v in b["skipped"].items()}
+    assert len(skipped) == 1  # 00003.mp4 is broken (00004, its wav missing, is dropped by make_loader)
+    assert "00003.mp4" in next(iter(skipped.values()))
+    assert sorted(u for b in batches for u in b["uids"]) == sorted(u.uid for u in utts[:3])
+    assert loader.dataset.bad == {utts[4].uid: f"{utts[4].uid}: missing file {utts[4].audio}"}
+
+
+def test_no_utterance_with_its_files_is_an_error_naming_them(tmp_path):
+    from recipes.avsr.data.loader import LoaderConfig, make_loader
+    from recipes.avsr.data.lrs3 import Utterance
+
+    utts = [Utterance(f"u{i}", str(tmp_path / f"{i}.mp4"), str(tmp_path / f"{i}.wav"), "x", 10) for i in range(3)]
+    with pytest.raises(AVSRDataError, match="none of the 3 training utterances") as err:
+        make_loader(LoaderConfig(), utts, "avsr", _extractor(), train=True)
+    assert str(tmp_path / "0.mp4") in str(err.value)
+    assert "3 missing" in str(err.value)
+
+
+def test_a_video_without_an_audio_track_names_the_problem(tmp_path):
+    path = tmp_path / "silent.mp4"
+    write_video(path, _frames(10))
+    with pytest.raises(AVSRDataError, match="no audio track") as err:
+        load_audio(path)
+    assert str(path) in str(err.value)
+
+
+def test_the_corpus_figure_is_made_by_a_command(tmp_path):
+    from PIL import Image
+
+    from recipes.avsr.figures import main as figures
+
+    out = tmp_path / "corpus.png"
+    figures(["--corpus", str(tmp_path / "corpus"), "--out", str(out), "--corpus_train", "2", "--corpus_test", "2"])
+    width, height = Image.open(out).size
+    assert width == 840
+    assert height > 300  # two utterances, each a log-mel and a row of mouth frames
+
+
+def test_decode_snr_target_adds_fixed_noise_to_the_test_audio_only(tmp_path):
+    from recipes.avsr.config import parse_args, resolve_config
+    from recipes.avsr.data.loader import LoaderConfig, make_loader
+    from recipes.avsr.data.lrs3 import Utterance
+
+    assert resolve_config(parse_args(["--decode_snr_target", "5"])).loader.test_snr_db == 5.0
+    write_wav(tmp_path / "a.wav", _tone(50))
+    utts = [Utterance("a", None, str(tmp_path / "a.wav"), "x", 50)]
+    clean = next(iter(make_loader(LoaderConfig(), utts, "asr", _extractor(), train=False)))
+    noisy_loader = make_loader(LoaderConfig(test_snr_db=0.0), utts, "asr", _extractor(), train=False)
+    train_loader = make_loader(LoaderConfig(test_snr_db=0.0), utts, "asr", _extractor(), train=True)
+    wave, noisy = load_audio(tmp_path / "a.wav"), noisy_loader.dataset[0]["audio"]
+    snr = 10 * np.log10(np.mean(wave**2) / np.mean((noisy - wave) ** 2))
+    assert abs(snr) < 0.3  # 0 dB: as much noise as signal
+    assert np.array_equal(noisy_loader.dataset[0]["audio"], noisy)  # the same noise at every decode
+    assert np.array_equal(train_loader.dataset[0]["audio"], wave)  # training audio stays clean
+    assert not np.allclose(next(iter(noisy_loader))["audio_features"], clean["audio_features"])

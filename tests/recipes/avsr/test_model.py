@@ -236,3 +236,91 @@ def test_training_needs_the_transcript_ids_of_the_collator(parts):
     with pytest.raises(ValueError, match="AVSRCollator"):
         model(batch)
     assert model.assemble(batch, with_transcript=False).labels is None
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook once it has seen the inputs of a module."""
+
+
+@pytest.mark.parametrize("modality", ["asr", "vsr"])
+def test_batches_reach_the_encoders_on_the_models_device(parts, modality):
+    """A GPU run's situation without a GPU: the model sits on another device (meta) than the collated batch (CPU);
+    training/evaluation (forward) and decoding (the recipe's decode) must move the batch to the model."""
+    import copy
+
+    from recipes.avsr.loop import decode, make_accelerator
+
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    encoders = {"audio_encoder": copy.deepcopy(audio_encoder)} if modality == "asr" else {}
+    encoders.update({"video_encoder": copy.deepcopy(video_encoder)} if modality == "vsr" else {})
+    model = AVSRModel(_llm(tokenizer), tokenizer, modality, **encoders, projector_hidden=16).to("meta")
+    encoder = model.audio_encoder if modality == "asr" else model.video_encoder
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.extend(t.device.type for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+        raise _Reached
+
+    encoder.register_forward_pre_hook(record, with_kwargs=True)
+    batch = _batch(extractor, tokenizer)
+    assert batch["uids"]
+    with pytest.raises(_Reached):
+        model(batch)
+    with pytest.raises(_Reached):
+        decode(make_accelerator(), model, [batch], "decode", num_beams=2, max_new_tokens=2)
+    assert seen
+    assert set(seen) == {"meta"}
+
+
+def test_a_vit_of_fixed_input_size_encodes_mouth_crops_of_another_size(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    ViTModel(config).save_pretrained(tmp_path / "vit")
+    encoder = load_video_encoder(str(tmp_path / "vit")).eval()
+    frames = torch.randn(2, 3, 22, 22)  # a 32 px ViT and 22 px crops: as a 224 px ViT and 88 px LRS3 crops
+    out = encoder(frames).last_hidden_state
+    assert out.shape == (2, 3, 16)
+    resized = torch.nn.functional.interpolate(frames.reshape(6, 1, 22, 22), size=(32, 32), mode="bilinear")
+    direct = encoder.model(pixel_values=resized.expand(-1, 3, -1, -1)).pooler_output
+    assert torch.allclose(out.reshape(6, 16), direct, atol=1e-5)  # the frames were resized to the ViT's size
+
+
+def test_a_ctranslate2_folder_as_audio_encoder_is_named_with_the_fix(tmp_path):
+    from recipes.avsr.model import load_audio_encoder
+
+    ct2 = tmp_path / "faster-whisper-tiny"
+    ct2.mkdir()
+    (ct2 / "model.bin").write_bytes(b"\0" * 16)
+    (ct2 / "config.json").write_text('{"alignment_heads": [], "suppress_ids": []}')
+    with pytest.raises(ValueError, match="CTranslate2") as err:
+        load_audio_encoder(str(ct2))
+    assert "whisper-tiny.en" in str(err.value)  # the fix: the preset, or the converter
+    assert str(ct2) in str(err.value)
+
+
+def test_the_whisper_tiny_en_preset_is_an_audio_encoder():
+    from recipes.avsr.model import load_audio_encoder
+
+    encoder, extractor = load_audio_encoder("whisper-tiny.en")
+    assert encoder.config.d_model == 384
+    assert extractor.feature_size == 80
+
+
+def test_a_bf16_llm_gets_bf16_inputs_and_trains(parts):
+    tokenizer, audio_encoder, extractor, _ = parts
+    llm = _llm(tokenizer)
+    for p in llm.parameters():
+        if not p.requires_grad:  # the frozen LLM in bf16, LoRA in fp32 (peft's autocast_adapter_dtype)
+            p.data = p.data.to(torch.bfloat16)
+    model = AVSRModel(llm, tokenizer, "asr", audio_encoder, projector_hidden=16)
+    batch = _batch(extractor, tokenizer)
+    assert model.assemble(batch, with_transcript=True).inputs_embeds.dtype == torch.bfloat16
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.audio_proj.mlp[0].weight.grad.abs().sum() > 0
+    assert model.generate(batch, num_beams=2, max_new_tokens=3)

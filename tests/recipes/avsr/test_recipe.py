@@ -1,6 +1,9 @@
 """AVSR recipe end to end on a tiny embedded corpus: results files, resume, bad files, the sink experiment."""
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +49,12 @@ def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
     assert all(h["loss"] > 0 for h in history)
     adapter = out / "avsr" / "final" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert any("lora_A" in k for k in load_file(adapter / "adapter_model.safetensors"))
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved)
+    llm_config = json.loads((out / "base_models" / "llm" / "config.json").read_text())
+    full = (llm_config["vocab_size"], llm_config["hidden_size"])
+    assert all(tuple(t.shape) != full for t in saved.values())  # no embed_tokens / lm_head of the frozen LLM
+    assert all(t.shape[0] != llm_config["vocab_size"] for t in saved.values())
     projectors = load_file(out / "avsr" / "final" / "projectors.safetensors")
     assert {k.split(".")[0] for k in projectors} == {"audio_proj", "video_proj"}
     assert len(read_manifest(out / "manifest_test.jsonl")) == 4
@@ -137,3 +145,92 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     assert all("ce" in h for h in decor_log)
     plain_log = json.loads((out / "sinks" / "asr_rate2_decor0" / "train_log.json").read_text())
     assert all("decor" not in h for h in plain_log)
+
+
+def _llm_without_delimiters(path: Path) -> tuple[int, int]:
+    """A small untied Llama whose tokenizer lacks the modality delimiters (as a pretrained LLM's does): the recipe
+    adds them and grows the embedding and LM head. Returns the (vocab, hidden) shape of those."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from recipes.avsr.data.synthetic import GRAMMAR
+    from recipes.avsr.model import PROMPTS
+
+    words = {w for ws in GRAMMAR.values() for w in ws} | {w for p in PROMPTS.values() for w in p.lower().split()}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *sorted(words)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return len(vocab), 32
+
+
+def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tmp_path):
+    out = tmp_path / "run"
+    vocab, hidden = _llm_without_delimiters(tmp_path / "llm")
+    common = SMALL + [
+        "--output_dir",
+        str(out),
+        "--modality",
+        "asr",
+        "--no-eval_untrained",
+        "--llm",
+        str(tmp_path / "llm"),
+    ]
+    trained = main(common + ["--max_steps", "3"])["asr"]
+    final = out / "asr" / "final"
+    adapter = load_file(final / "adapter" / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in adapter)
+    assert all(t.shape[0] < vocab for t in adapter.values())  # no embedding / LM head of the LLM's (grown) size
+    added = load_file(final / "added_tokens.safetensors")
+    assert set(added) == {"embed_tokens", "lm_head"}  # untied: both get the rows of the 4 delimiters
+    assert added["embed_tokens"].shape == (4, hidden)
+    assert added["lm_head"].shape == (4, hidden)
+    assert json.loads((final / "run.json").read_text())["modality"] == "asr"
+
+    evaluated = main(common + ["--eval_only", "--resume_from", str(final)])["asr"]
+    assert evaluated["test"] == trained["test"]  # WER, CER and the number of utterances, exactly
+    rows = [json.loads(line) for line in (out / "asr" / "decodes.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (out / "eval" / "decodes.jsonl").read_text().splitlines()]
+    assert again == rows  # the same hypotheses, utterance by utterance
+    assert "training" not in evaluated
+
+
+def test_two_processes_give_the_metrics_of_one(tmp_path):
+    """DDP over 2 CPU processes (gloo) against 1 process with 2 accumulation steps: the same batches per optimizer
+    step (6 batches of 4 per epoch, 3 epochs), so the same steps and test metrics; the run must also end (it hung
+    after the first epoch: each process has 3 batches per epoch, the resume arithmetic counted 6)."""
+    common = SMALL + ["--modality", "asr", "--epochs", "3", "--lora_dropout", "0", "--no-eval_untrained"]
+    one = main(common + ["--output_dir", str(tmp_path / "one"), "--grad_accum", "2"])["asr"]
+    two_dir = tmp_path / "two"
+    two_dir.mkdir()
+    for name in ("corpus", "base_models"):  # the same embedded corpus and stand-ins (rebuilt identically otherwise)
+        shutil.copytree(tmp_path / "one" / name, two_dir / name)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "recipes.avsr", *common, "--output_dir", str(two_dir)]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # a session of its own: on a timeout (the old hang) the launcher and both workers are killed, none left behind
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    two = json.loads((two_dir / "asr" / "results.json").read_text())
+    assert one["training"]["steps"] == 9
+    assert two["training"]["steps"] == 9
+    assert two["test"] == one["test"]
+    assert len(json.loads((two_dir / "asr" / "train_log.json").read_text())) == 9
