@@ -195,7 +195,8 @@ class GraphRouter(nn.Module):
             if i > 0:
                 h = F.dropout(F.gelu(h), p=self.dropout, training=self.training)
             h = conv(h) if adj is None else conv(h, adj)
-        logits = self.head(F.gelu(h)).float()
+        logits = self.head(F.gelu(h))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 / fp16 routers: softmax in fp32
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = torch.softmax(logits / self.temperature, dim=-1)
