@@ -7,6 +7,7 @@ without message passing (MoA / GMoE): the same depth and width with ``nn.Linear`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -62,22 +63,31 @@ def _make_conv(kind: str, in_features: int, out_features: int, heads: int) -> nn
 
 # parameter names of torch_geometric's sparse layers (checkpoints before the dense router) -> the dense layers'
 _SAGE_RENAMES = {"lin_l.weight": "lin_rel.weight", "lin_l.bias": "lin_root.bias", "lin_r.weight": "lin_root.weight"}
+_OLD_ROUTER_KEY = re.compile(  # a router's own keys, or a tuner's (gnnmoe_router[.<adapter>].convs...)
+    r"(^|\.gnnmoe_router\.(?:[^.]+\.)?)convs\.(\d+)\.(lin_l\.weight|lin_l\.bias|lin_r\.weight|att_src|att_dst)$"
+)
+
+
+def upgrade_router_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename / reshape router parameters saved with torch_geometric's sparse layers (``SAGEConv``'s ``lin_l`` /
+    ``lin_r``, ``GATConv``'s (1, H, C) attention vectors) to the dense layers' layout; other keys pass unchanged.
+
+    Only those layers used these names and shapes, so the keys alone identify them. Returns a new dict."""
+    out = {}
+    for key, value in state_dict.items():
+        match = _OLD_ROUTER_KEY.search(key)
+        if match is not None and match.group(3) in _SAGE_RENAMES:
+            key = key[: match.start(3)] + _SAGE_RENAMES[match.group(3)]
+        elif match is not None and value.dim() == 3:  # GATConv att_src / att_dst: (1, H, C) -> (1, 1, H, C)
+            value = value.unsqueeze(0)
+        out[key] = value
+    return out
 
 
 def _upgrade_old_router_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """Load-state pre-hook: rename / reshape the parameters of routers saved with the sparse torch_geometric layers
-    (``SAGEConv``'s ``lin_l`` / ``lin_r``, ``GATConv``'s (1, H, C) attention vectors) to the dense layers' layout."""
-    for i, conv in enumerate(module.convs):
-        base = f"{prefix}convs.{i}."
-        if isinstance(conv, DenseSAGEConv):
-            for old, new in _SAGE_RENAMES.items():
-                if base + old in state_dict and base + new not in state_dict:
-                    state_dict[base + new] = state_dict.pop(base + old)
-        elif isinstance(conv, DenseGATConv):
-            for name in ("att_src", "att_dst"):
-                value = state_dict.get(base + name)
-                if value is not None and value.dim() == 3:
-                    state_dict[base + name] = value.unsqueeze(0)
+    """Load-state pre-hook: [`upgrade_router_state_dict`] on this router's entries, in place."""
+    own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    state_dict.update(upgrade_router_state_dict(own))
 
 
 class GraphRouter(nn.Module):
