@@ -157,7 +157,9 @@ def token_adjacency(
             for rule in SPATIAL_MODES:
                 if rule in parts and layout.grid is not None:
                     rows, cols = layout.grid
-                    patch_adj = patch_adj | _spatial_adjacency(rule, rows, cols, float(radius), x.device)
+                    # torch.compile traces the builder itself (a constant of the graph) instead of the Python cache
+                    build = _spatial_adjacency.__wrapped__ if torch.compiler.is_compiling() else _spatial_adjacency
+                    patch_adj = patch_adj | build(rule, rows, cols, float(radius), x.device)
         adj = F.pad(patch_adj, (p, 0, p, 0)).expand(batch, seq, seq)
         if p > 0 and prefix_mode == "connect" and seq > 1:
             prefix = torch.zeros(seq, dtype=torch.bool, device=x.device)

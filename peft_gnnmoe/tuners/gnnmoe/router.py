@@ -146,8 +146,12 @@ class GraphRouter(nn.Module):
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> Routing:
         """Route ``tokens`` (B, S, D), or only the samples ``rows`` of them (mixed-adapter batches); returns the cached
         routing when called again with the same tensor and rows."""
-        # inference tensors have no version counter; they cannot be changed in place outside inference mode
-        version = None if tokens.is_inference() else tokens._version
+        # inference tensors have no version counter; they cannot be changed in place outside inference mode. Under
+        # torch.compile neither can be read (graph breaks): the traced code changes no layer input in place.
+        if torch.compiler.is_compiling() or tokens.is_inference():
+            version = None
+        else:
+            version = tokens._version
         key = (version, self.training, torch.is_grad_enabled(), None if rows is None else tuple(rows.tolist()))
         if self._cache is not None and self._cache[0] is tokens and self._cache[1] == key:
             return self._cache[2]
