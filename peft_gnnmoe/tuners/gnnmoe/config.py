@@ -15,7 +15,8 @@ from .architectures import DEFAULT_SHARED_ROUTER_GROUPS
 
 GNNMOE_PEFT_TYPE = peft_type_member("GNNMOE")
 
-ROUTER_TYPES = ("gcn", "gat", "sage", "linear")
+ROUTER_TYPES = ("gcn", "gat", "sage")  # the graph routers (what the DG recipe runs by default)
+TOKEN_ROUTER_TYPES = ("linear",)  # per-token routers without message passing (the MoA / GMoE ablation)
 GRAPH_MODES = ("knn", "grid", "knn+grid", "grid8", "knn+grid8", "radius", "full")
 PREFIX_MODES = ("connect", "isolated")
 BALANCE_LOSSES = ("squared_mean", "switch")
@@ -227,7 +228,7 @@ class GNNMoEConfig(PeftConfig):
                 f"GNNMoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}: a token cannot use more "
                 "experts than exist. Lower top_k or raise num_experts."
             )
-        choice("router", ROUTER_TYPES)
+        choice("router", ROUTER_TYPES + TOKEN_ROUTER_TYPES)
         choice("graph", GRAPH_MODES)
         choice("prefix_tokens", PREFIX_MODES)
         choice("balance_loss", BALANCE_LOSSES)
