@@ -15,8 +15,9 @@ from .architectures import DEFAULT_SHARED_ROUTER_GROUPS
 
 GNNMOE_PEFT_TYPE = peft_type_member("GNNMOE")
 
-ROUTER_TYPES = ("gcn", "gat", "sage")
-GRAPH_MODES = ("knn", "grid", "knn+grid")
+ROUTER_TYPES = ("gcn", "gat", "sage")  # the graph routers (what the DG recipe runs by default)
+TOKEN_ROUTER_TYPES = ("linear",)  # per-token routers without message passing (the MoA / GMoE ablation)
+GRAPH_MODES = ("knn", "grid", "knn+grid", "grid8", "knn+grid8", "radius", "full")
 PREFIX_MODES = ("connect", "isolated")
 BALANCE_LOSSES = ("squared_mean", "switch")
 
@@ -27,6 +28,7 @@ _FLOAT_FIELDS = (
     "balance_loss_weight",
     "z_loss_weight",
     "expert_dropout",
+    "graph_radius",
 )
 _BOOL_FIELDS = ("add_aux_loss_to_output", "expert_bias", "init_weights", "inference_mode")
 
@@ -83,8 +85,13 @@ class GNNMoEConfig(PeftConfig):
         },
     )
     kron_rank: int = field(default=4, metadata={"help": "Rank r of the low-rank factor L_k R_k of each expert."})
-    router: Literal["gcn", "gat", "sage"] = field(
-        default="gcn", metadata={"help": "GNN of the router: 'gcn' (GCNConv), 'gat' (GATConv) or 'sage' (SAGEConv)."}
+    router: Literal["gcn", "gat", "sage", "linear"] = field(
+        default="gcn",
+        metadata={
+            "help": "Router: a GNN over the token graph, 'gcn' (GCNConv), 'gat' (GATConv) or 'sage' (SAGEConv), run "
+            "as torch_geometric's dense layers; or 'linear', the per-token router of MoA / GMoE (the same depth and "
+            "width with nn.Linear layers, no message passing, so `graph` is not used)."
+        },
     )
     router_hidden: int = field(default=64, metadata={"help": "Width of the router's GNN layers."})
     router_layers: int = field(default=1, metadata={"help": "Number of GNN layers in the router (1-2 is typical)."})
@@ -96,16 +103,27 @@ class GNNMoEConfig(PeftConfig):
         default=0.1, metadata={"help": "Std of Gaussian noise added to router logits in training mode only."}
     )
     router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the router."})
-    graph: Literal["knn", "grid", "knn+grid"] = field(
+    graph: Literal["knn", "grid", "knn+grid", "grid8", "knn+grid8", "radius", "full"] = field(
         default="knn+grid",
         metadata={
             "help": "Token graph: 'knn' links each patch to its k most cosine-similar patches (layer input "
-            "features), 'grid' to its 4 spatial neighbours on the patch grid, 'knn+grid' unites both. The grid "
-            "modes raise an error when the tokens fit no patch grid (text, ViT-MAE's shuffled patches): use 'knn'. "
-            "Padding (the model call's attention_mask) is never part of the graph."
+            "features), 'grid' to its 4 spatial neighbours on the patch grid, 'grid8' to its 8 neighbours (diagonals "
+            "too), 'radius' to every patch whose grid coordinates lie within Euclidean distance `graph_radius`, "
+            "'full' to every other patch; 'knn+grid' and 'knn+grid8' unite kNN and grid. The grid modes ('grid', "
+            "'grid8', 'radius' and their unions) raise an error when the tokens fit no patch grid (text, ViT-MAE's "
+            "shuffled patches): use 'knn' or 'full'. Padding (the model call's attention_mask) is never part of the "
+            "graph."
         },
     )
     knn_k: int = field(default=8, metadata={"help": "Neighbours per patch of the kNN graph."})
+    graph_radius: float = field(
+        default=2.0,
+        metadata={
+            "help": "r of graph='radius': patches j, k are linked when ||c_j - c_k|| <= r for their (row, col) grid "
+            "coordinates c (1: the 4 neighbours, 1.5: the 8 neighbours, 2: adds the patches two steps away in a "
+            "line). Finite and > 0; used by 'radius' only."
+        },
+    )
     prefix_tokens: Literal["connect", "isolated"] = field(
         default="connect",
         metadata={
@@ -210,7 +228,7 @@ class GNNMoEConfig(PeftConfig):
                 f"GNNMoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}: a token cannot use more "
                 "experts than exist. Lower top_k or raise num_experts."
             )
-        choice("router", ROUTER_TYPES)
+        choice("router", ROUTER_TYPES + TOKEN_ROUTER_TYPES)
         choice("graph", GRAPH_MODES)
         choice("prefix_tokens", PREFIX_MODES)
         choice("balance_loss", BALANCE_LOSSES)
@@ -227,6 +245,11 @@ class GNNMoEConfig(PeftConfig):
         fraction("expert_dropout")
         for name in ("router_noise_std", "balance_loss_weight", "z_loss_weight"):
             non_negative(name)
+        if not self.graph_radius > 0:
+            raise ValueError(
+                f"GNNMoEConfig.graph_radius must be > 0 (a distance in patches; 1.0 links the 4 grid neighbours), "
+                f"got {self.graph_radius!r}."
+            )
         if not self.router_temperature > 0:
             raise ValueError(f"GNNMoEConfig.router_temperature must be > 0, got {self.router_temperature!r}.")
         if self.num_prefix_tokens is not None and (

@@ -35,6 +35,7 @@ def make_router(in_features: int, config: GNNMoEConfig) -> GraphRouter:
         temperature=config.router_temperature,
         graph=config.graph,
         knn_k=config.knn_k,
+        graph_radius=config.graph_radius,
         prefix_mode=config.prefix_tokens,
         balance_loss=config.balance_loss,
         balance_loss_weight=config.balance_loss_weight,

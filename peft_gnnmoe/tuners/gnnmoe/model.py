@@ -24,7 +24,7 @@ from .architectures import (
 )
 from .config import GNNMoEConfig
 from .layer import _MERGE_ERROR, GNNMoELayer, Linear
-from .router import GraphRouter, LayoutSpec
+from .router import GraphRouter, LayoutSpec, upgrade_router_state_dict
 
 
 class GNNMoEModel(BaseTuner):
@@ -311,6 +311,7 @@ class GNNMoEModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: GNNMoEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        state_dict = upgrade_router_state_dict(state_dict)  # routers saved with the sparse torch_geometric layers
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         prefixes = tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
         expected = filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)

@@ -1,15 +1,21 @@
-"""The graph router: a GCN / GAT / GraphSAGE over the token graph that assigns every token to its top-k experts."""
+"""The graph router: a GCN / GAT / GraphSAGE over the token graph that assigns every token to its top-k experts.
+
+Patch graphs have the same node count in every image, so the router runs torch_geometric's dense layers on a
+(B, S, S) adjacency (batched matmuls) instead of edge lists and scatters. ``router="linear"`` is the token router
+without message passing (MoA / GMoE): the same depth and width with ``nn.Linear`` layers.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn import GATConv, GCNConv, SAGEConv
+from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseSAGEConv
 
-from .graph import TokenLayout, build_token_graph, infer_layout
+from .graph import TokenLayout, infer_layout, needs_grid, token_adjacency
 
 
 @dataclass
@@ -45,16 +51,47 @@ class LayoutSpec:
 
 def _make_conv(kind: str, in_features: int, out_features: int, heads: int) -> nn.Module:
     if kind == "gcn":
-        return GCNConv(in_features, out_features)
+        return DenseGCNConv(in_features, out_features)
     if kind == "gat":
-        return GATConv(in_features, out_features // heads, heads=heads, concat=True)
+        return DenseGATConv(in_features, out_features // heads, heads=heads, concat=True)
     if kind == "sage":
-        return SAGEConv(in_features, out_features)
-    raise ValueError(f"Unknown router type {kind!r}; use 'gcn', 'gat' or 'sage'.")
+        return DenseSAGEConv(in_features, out_features)
+    if kind == "linear":
+        return nn.Linear(in_features, out_features)
+    raise ValueError(f"Unknown router type {kind!r}; use 'gcn', 'gat', 'sage' or 'linear'.")
+
+
+# parameter names of torch_geometric's sparse layers (checkpoints before the dense router) -> the dense layers'
+_SAGE_RENAMES = {"lin_l.weight": "lin_rel.weight", "lin_l.bias": "lin_root.bias", "lin_r.weight": "lin_root.weight"}
+_OLD_ROUTER_KEY = re.compile(  # a router's own keys, or a tuner's (gnnmoe_router[.<adapter>].convs...)
+    r"(^|\.gnnmoe_router\.(?:[^.]+\.)?)convs\.(\d+)\.(lin_l\.weight|lin_l\.bias|lin_r\.weight|att_src|att_dst)$"
+)
+
+
+def upgrade_router_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename / reshape router parameters saved with torch_geometric's sparse layers (``SAGEConv``'s ``lin_l`` /
+    ``lin_r``, ``GATConv``'s (1, H, C) attention vectors) to the dense layers' layout; other keys pass unchanged.
+
+    Only those layers used these names and shapes, so the keys alone identify them. Returns a new dict."""
+    out = {}
+    for key, value in state_dict.items():
+        match = _OLD_ROUTER_KEY.search(key)
+        if match is not None and match.group(3) in _SAGE_RENAMES:
+            key = key[: match.start(3)] + _SAGE_RENAMES[match.group(3)]
+        elif match is not None and value.dim() == 3:  # GATConv att_src / att_dst: (1, H, C) -> (1, 1, H, C)
+            value = value.unsqueeze(0)
+        out[key] = value
+    return out
+
+
+def _upgrade_old_router_keys(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    """Load-state pre-hook: [`upgrade_router_state_dict`] on this router's entries, in place."""
+    own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    state_dict.update(upgrade_router_state_dict(own))
 
 
 class GraphRouter(nn.Module):
-    """GNN router: ``router_layers`` torch_geometric convolutions (GELU between), then a Linear to expert logits.
+    """GNN router: ``router_layers`` torch_geometric dense convolutions (GELU between), then a Linear to expert logits.
 
     Calls with the very same input tensor (e.g. the q, k and v projections of one attention block) reuse the first
     call's routing, so layers that share a router also share one routing decision per forward pass. Calls with other
@@ -79,6 +116,7 @@ class GraphRouter(nn.Module):
         temperature: float = 1.0,
         graph: str = "knn+grid",
         knn_k: int = 8,
+        graph_radius: float = 2.0,
         prefix_mode: str = "connect",
         balance_loss: str = "squared_mean",
         balance_loss_weight: float = 0.01,
@@ -90,13 +128,15 @@ class GraphRouter(nn.Module):
         self.head = nn.Linear(hidden, num_experts)
         self.num_experts, self.top_k = num_experts, top_k
         self.dropout, self.noise_std, self.temperature = dropout, noise_std, temperature
-        self.graph, self.knn_k, self.prefix_mode = graph, knn_k, prefix_mode
+        self.kind = kind
+        self.graph, self.knn_k, self.graph_radius, self.prefix_mode = graph, knn_k, float(graph_radius), prefix_mode
         self.balance_loss_kind = balance_loss
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
         self.layout_spec = LayoutSpec()  # set by the tuner from the configs; not a parameter
         self.routings: list[Routing] = []  # every routing of the current (or last) forward pass
         self.token_mask: torch.Tensor | None = None
         self._cache: tuple | None = None
+        self.register_load_state_dict_pre_hook(_upgrade_old_router_keys)
 
     @property
     def last_routing(self) -> Routing | None:
@@ -106,8 +146,12 @@ class GraphRouter(nn.Module):
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> Routing:
         """Route ``tokens`` (B, S, D), or only the samples ``rows`` of them (mixed-adapter batches); returns the cached
         routing when called again with the same tensor and rows."""
-        # inference tensors have no version counter; they cannot be changed in place outside inference mode
-        version = None if tokens.is_inference() else tokens._version
+        # inference tensors have no version counter; they cannot be changed in place outside inference mode. Under
+        # torch.compile neither can be read (graph breaks): the traced code changes no layer input in place.
+        if torch.compiler.is_compiling() or tokens.is_inference():
+            version = None
+        else:
+            version = tokens._version
         key = (version, self.training, torch.is_grad_enabled(), None if rows is None else tuple(rows.tolist()))
         if self._cache is not None and self._cache[0] is tokens and self._cache[1] == key:
             return self._cache[2]
@@ -145,23 +189,28 @@ class GraphRouter(nn.Module):
         full_batch = tokens.shape[0]
         if rows is not None:
             tokens = tokens[rows]
-        batch, seq, dim = tokens.shape
+        seq = tokens.shape[1]
         spec = self.layout_spec
         layout = infer_layout(
             seq,
             spec.num_prefix if seq > 1 else 0,
             spec.grid_hint,
-            need_grid=("grid" in self.graph and seq > 1),
+            need_grid=(self.kind != "linear" and needs_grid(self.graph) and seq > 1),
             explicit_grid=spec.explicit_grid,
             square_fallback=spec.square_fallback,
         )
-        edge_index = build_token_graph(tokens, layout, self.graph, self.knn_k, self.prefix_mode, valid)
-        h = tokens.reshape(batch * seq, dim).to(self.head.weight.dtype)
+        h = tokens.to(self.head.weight.dtype)
+        if self.kind == "linear":
+            adj = None  # the token router: no graph, no message passing
+        else:  # one adjacency per call, shared by every layer (and by q, k and v through the routing cache)
+            adj = token_adjacency(tokens, layout, self.graph, self.knn_k, self.prefix_mode, valid, self.graph_radius)
+            adj = adj.to(h.dtype)
         for i, conv in enumerate(self.convs):
             if i > 0:
                 h = F.dropout(F.gelu(h), p=self.dropout, training=self.training)
-            h = conv(h, edge_index)
-        logits = self.head(F.gelu(h)).float().view(batch, seq, self.num_experts)
+            h = conv(h) if adj is None else conv(h, adj)
+        logits = self.head(F.gelu(h))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 / fp16 routers: softmax in fp32
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = torch.softmax(logits / self.temperature, dim=-1)

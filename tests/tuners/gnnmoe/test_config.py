@@ -26,7 +26,7 @@ from peft_gnnmoe import GNNMoEConfig
         (dict(expert_dropout=-0.1), "expert_dropout must be in"),
         (dict(router_noise_std=-1.0), "router_noise_std must be >= 0"),
         (dict(router_temperature=0.0), "router_temperature must be > 0"),
-        (dict(graph="radius"), "graph='radius' is unknown"),
+        (dict(graph="radius4"), "graph='radius4' is unknown"),  # "radius" became a mode (issue 12)
         (dict(knn_k=0), "knn_k must be a positive integer"),
         (dict(prefix_tokens="drop"), "prefix_tokens='drop' is unknown"),
         (dict(num_prefix_tokens=-1), "num_prefix_tokens must be None or >= 0"),
@@ -37,6 +37,11 @@ from peft_gnnmoe import GNNMoEConfig
         (dict(balance_loss_weight=-0.1), "balance_loss_weight must be >= 0"),
         (dict(z_loss_weight=-1.0), "z_loss_weight must be >= 0"),
         (dict(layers_pattern="layers"), "layers_pattern only works together with layers_to_transform"),
+        (dict(router="mlp"), "router='mlp' is unknown"),
+        (dict(graph="grid16"), "graph='grid16' is unknown"),
+        (dict(graph="grid8+knn"), "graph='grid8\\+knn' is unknown"),
+        (dict(graph="radius", graph_radius=0.0), "graph_radius must be > 0"),
+        (dict(graph="radius", graph_radius=-1.5), "graph_radius must be > 0"),
     ],
 )
 def test_invalid_config_fields_fail_at_construction(kwargs, message):
@@ -51,6 +56,7 @@ _FLOAT_FIELDS = [
     "balance_loss_weight",
     "z_loss_weight",
     "expert_dropout",
+    "graph_radius",
 ]
 
 
@@ -122,3 +128,15 @@ def test_registration_is_idempotent_and_keeps_peft_types_working(make_vit):
     assert "GNNMOE" in [t.value for t in PeftType]
     model = get_peft_model(make_vit(), LoraConfig(target_modules=["q_proj"]))
     assert model.peft_config["default"].peft_type == PeftType.LORA
+
+
+@pytest.mark.parametrize("graph", ["knn", "grid", "knn+grid", "grid8", "knn+grid8", "radius", "full"])
+@pytest.mark.parametrize("router", ["gcn", "gat", "sage", "linear"])
+def test_every_router_and_graph_mode_is_accepted(router, graph):
+    config = GNNMoEConfig(router=router, graph=graph, graph_radius=1.5)
+    assert (config.router, config.graph, config.graph_radius) == (router, graph, 1.5)
+
+
+def test_graph_radius_round_trips_through_json(tmp_path):
+    GNNMoEConfig(graph="radius", graph_radius=3.0).save_pretrained(str(tmp_path))
+    assert GNNMoEConfig.from_pretrained(str(tmp_path)).graph_radius == 3.0

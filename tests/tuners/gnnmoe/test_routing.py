@@ -13,7 +13,7 @@ from peft_gnnmoe.tuners.gnnmoe import graph
 
 
 def test_inference_mode_works_and_equals_no_grad(make_vit, images):
-    graph._grid_adjacency.cache_clear()  # build the cached grid inside inference mode
+    graph._spatial_adjacency.cache_clear()  # build the cached grid inside inference mode
     model = get_peft_model(make_vit(), GNNMoEConfig(init_weights=False)).eval()
     router = model.base_model.model.vit.layers[0].attention.q_proj.gnnmoe_router["default"]
     routings = []
