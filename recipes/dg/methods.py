@@ -30,7 +30,8 @@ DEFAULT_METHODS = ("gnnmoe", "lora", "lokr", "probe", "full")  # the main job's 
 TOKEN_ROUTER = "linear"  # GNNMoEConfig(router="linear"): per-token MLP router, no message passing
 # "linear" is accepted before the library has it: GNNMoEConfig then refuses it with its own error
 ROUTERS = tuple(dict.fromkeys((*ROUTER_TYPES, TOKEN_ROUTER)))
-GNN_ROUTERS = tuple(r for r in ROUTERS if r != TOKEN_ROUTER)  # the default --router: the graph routers
+GNN_ROUTERS = tuple(r for r in ROUTERS if r != TOKEN_ROUTER)  # the graph routers
+DEFAULT_ROUTER = GNNMoEConfig().router  # the main job's one router (README: the main job's time)
 # the graph modes GNNMoEConfig validates (the spatial/radius/full modes join the library's list in this phase)
 GRAPHS = tuple(dict.fromkeys((*GRAPH_MODES, "grid8", "knn+grid8", "radius", "full")))
 PREFIX_TOKEN_MODES = PREFIX_MODES

@@ -119,8 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--router",
         nargs="+",
         choices=methods.ROUTERS,
-        help=f"GNN-MoE routers, one run each (default: {' '.join(methods.GNN_ROUTERS)}; "
-        f"{methods.TOKEN_ROUTER!r} is the per-token router without message passing).",
+        help=f"GNN-MoE routers, one run each (default: {methods.DEFAULT_ROUTER}, the library's; the router "
+        f"comparison: --router {' '.join(methods.GNN_ROUTERS)}; {methods.TOKEN_ROUTER!r} is the per-token router "
+        "without message passing).",
     )
     m.add_argument("--graph", choices=methods.GRAPHS, help="GNN-MoE token graph (default: GNNMoEConfig's).")
     m.add_argument(
@@ -215,7 +216,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.method = args.method or list(methods.DEFAULT_METHODS)
-    args.router = args.router or list(methods.GNN_ROUTERS)
+    args.router = args.router or [methods.DEFAULT_ROUTER]
     methods.expand_methods(args.method, args.router)  # unknown names fail here, before any data is loaded
     if args.dry_run:
         args.trial_seeds, args.test_envs = args.trial_seeds[:1], (args.test_envs or [0])[:1]
