@@ -10,6 +10,10 @@ from recipes.dg import methods, train
 CLASSES = [str(d) for d in range(10)]
 
 
+def hp(**kw):
+    return methods.MethodArgs(**kw)
+
+
 def test_gnnmoe_defaults_are_the_librarys():
     library = GNNMoEConfig()
     args = train.parse_args([])
@@ -61,10 +65,6 @@ def test_kadapter_is_one_kronecker_expert_with_a_frozen_router():
     with torch.no_grad():
         logits = model(pixel_values=torch.zeros(2, 3, 28, 28)).logits
     assert logits.shape == (2, 10)
-
-
-def hp(**kw):
-    return methods.MethodArgs(**kw)
 
 
 @pytest.mark.parametrize("graph", ["knn", "grid", "knn+grid"])
