@@ -1,6 +1,8 @@
 """Domain generalization of ViT adapters with DomainBed's protocol, under Accelerate (run from the repository root).
 
-    accelerate launch -m recipes.dg            # embedded digits benchmark: offline, every method, 4 domains, 3 seeds
+    accelerate launch -m recipes.dg            # embedded digits benchmark: offline, 5 methods, 4 domains, 3 seeds
+    accelerate launch -m recipes.dg --tier real   # the same domains on DINOv2 ViT-S/14 (preset, converted offline)
+    accelerate launch -m recipes.dg --method gnnmoe kadapter --router gcn linear   # ablations of the routing claim
     accelerate launch -m recipes.dg --dataset PACS --data_dir /data/PACS \\
         --backbone google/vit-base-patch16-224-in21k --method gnnmoe --router gat --test_envs 0 1 2 3 \\
         --output_dir runs/pacs
