@@ -156,3 +156,27 @@ def test_real_tier_dry_run(tmp_path):
     assert protocol["num_blocks"] == train.TIERS["real"]["num_blocks"]
     assert protocol["image_size"] == train.TIERS["real"]["image_size"]
     assert protocol["steps"] == 2
+
+
+def test_real_tier_sets_defaults_and_explicit_flags_win():
+    args = train.parse_args(["--tier", "real", "--image_size", "112", "--lora_r", "8"])
+    assert args.backbone == train.REAL_BACKBONE
+    assert args.num_blocks == 4
+    assert args.image_size == 112
+    assert args.lora_r == 8
+    assert args.lokr_r == train.TIERS["real"]["lokr_r"]
+    assert args.method == train.TIERS["real"]["method"]
+    assert args.output_dir == os.path.join("runs", "dg-EmbeddedDigits-real")
+
+
+def test_dry_run_is_one_seed_one_domain_two_steps():
+    args = train.parse_args(["--dry_run", "--trial_seeds", "3", "4"])
+    assert args.trial_seeds == [3]
+    assert args.test_envs == [0]
+    assert args.steps == 2
+    assert args.eval_every == 2
+
+
+def test_num_blocks_below_one_is_refused_before_loading():
+    with pytest.raises(ValueError, match="--num_blocks must be >= 1"):
+        train.parse_args(["--num_blocks", "0"])
