@@ -47,6 +47,7 @@ TIERS: dict[str, dict] = {
         "method": ["gnnmoe", "lora", "lokr"],
         "router": ["gcn"],
         "lora_r": 28,  # LoRA's trainable count matched to GNN-MoE's (266K vs 274K)
+        "lr": 1e-3,  # 3e-3 (the embedded adapters' rate) diverges here; README: real tier
         "lokr_r": 16,  # LoKr's largest here: PEFT keeps w2 full once r reaches its size (17.7K for any r >= 16)
     },
 }
