@@ -48,6 +48,10 @@ PROTOCOL_KEYS = (
     "top_k",
     "kron_rank",
     "kron_factor",
+    "num_blocks",
+    "graph",
+    "graph_radius",
+    "prefix_tokens",
 )
 
 
@@ -62,12 +66,19 @@ def resume_point(run_dir: str | os.PathLike, want: str | None) -> Path | None:
     return resolve_resume(run_dir, want)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are: every tensor the recipe feeds the model goes there first."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, loader, mean, std, desc: str) -> tuple[float, int]:
     """Accuracy over a prepared loader; ``gather_for_metrics`` drops the samples padded for even sharding."""
     model.eval()
+    device = model_device(model)
     correct = total = 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        images, labels = images.to(device), labels.to(device)
         logits = model(pixel_values=normalize(images.float() / 255.0, mean, std)).logits
         preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), labels))
         correct += (preds == labels).sum().item()
@@ -117,7 +128,16 @@ class Sweep:
         if bad:
             raise ValueError(f"--test_envs {bad} out of range: {args.dataset} has {n} domains {self.domain_names}.")
         self.hp = methods.MethodArgs(
-            args.lora_r, args.lokr_r, args.num_experts, args.top_k, args.kron_rank, args.kron_factor
+            args.lora_r,
+            args.lokr_r,
+            args.num_experts,
+            args.top_k,
+            args.kron_rank,
+            args.kron_factor,
+            graph=args.graph,
+            graph_radius=args.graph_radius,
+            prefix_tokens=args.prefix_tokens,
+            num_blocks=args.num_blocks,
         )
         self._prepare_output_dir()
         if trackers:
@@ -166,6 +186,8 @@ class Sweep:
                 protocol={
                     "dataset": args.dataset,
                     "backbone": args.backbone,
+                    "num_blocks": args.num_blocks,
+                    "image_size": self.image_size,
                     "steps": args.steps,
                     "batch_size_per_domain": args.batch_size,
                     "trial_seeds": args.trial_seeds,
@@ -226,23 +248,16 @@ class Sweep:
             num_workers=args.num_workers,
         )
         batches = iter(train_loader)
-        global_size = args.batch_size * len(sources)
-        hflip = self.info.hflip if self.info else True
         t0 = time.time()
         bar = tqdm(total=args.steps, initial=step, desc=run, leave=False, disable=not acc.is_local_main_process)
         while step < args.steps:
             model.train()
             for micro in range(args.gradient_accumulation_steps):
                 images, labels = next(batches)
-                images, labels = images.to(acc.device), labels.to(acc.device)
-                if args.no_augment:
-                    x = images.float() / 255.0
-                else:
-                    x = augment(images, trial, step, global_size, sampler.positions(micro), hflip)
                 # router noise / dropout draw from the global RNG: seed it per micro-step so a resumed run matches
                 torch.manual_seed(seed_hash("forward", trial, step, micro, acc.process_index))
                 with acc.accumulate(model):
-                    loss = model(pixel_values=normalize(x, self.mean, self.std), labels=labels).loss
+                    loss = self.training_loss(model, images, labels, trial, step, sampler.positions(micro))
                     acc.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -301,6 +316,19 @@ class Sweep:
         del model, optimizer, unwrapped
         return result
 
+    def training_loss(self, model, images, labels, trial: int, step: int, positions: slice) -> torch.Tensor:
+        """The loss of one micro-batch: moved to the model's device, augmented (as a function of ``(trial, step)``
+        and the examples' positions in the global batch), normalised and classified."""
+        device = model_device(model)
+        images, labels = images.to(device), labels.to(device)
+        if self.args.no_augment:
+            x = images.float() / 255.0
+        else:
+            global_size = self.args.batch_size * (len(self.domains) - 1)
+            hflip = self.info.hflip if self.info else True
+            x = augment(images, trial, step, global_size, positions, hflip)
+        return model(pixel_values=normalize(x, self.mean, self.std), labels=labels).loss
+
     def _loader(self, subset: Subset):
         loader = DataLoader(
             subset,
@@ -328,7 +356,7 @@ class Sweep:
     @torch.no_grad()
     def _routing_picture(self, model, test_split: Subset, method: str, test_env: int) -> None:
         n = min(self.args.routing_images, len(test_split))
-        images = torch.stack([test_split[i][0] for i in range(n)]).to(self.acc.device)
+        images = torch.stack([test_split[i][0] for i in range(n)]).to(model_device(model))
         model.eval()
         model(pixel_values=normalize(images.float() / 255.0, self.mean, self.std))
         assignments = methods.routing_assignments(model)
