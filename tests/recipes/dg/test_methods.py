@@ -84,7 +84,6 @@ def test_unset_graph_options_keep_the_library_defaults():
     assert config.prefix_tokens == GNNMoEConfig().prefix_tokens
 
 
-@pytest.mark.xfail(strict=False, reason="needs router options")
 def test_token_router_method_builds_and_runs():
     model = methods.build_model("gnnmoe-linear", train.EMBEDDED_BACKBONE, CLASSES, hp())
     assert model.peft_config["default"].router == "linear"
@@ -93,7 +92,6 @@ def test_token_router_method_builds_and_runs():
     assert logits.shape == (2, 10)
 
 
-@pytest.mark.xfail(strict=False, reason="needs router options")
 @pytest.mark.parametrize("graph", ["grid8", "knn+grid8", "radius", "full"])
 def test_new_graph_modes_build_and_run(graph):
     model = methods.build_model("gnnmoe-gcn", train.EMBEDDED_BACKBONE, CLASSES, hp(graph=graph, graph_radius=1.5))
