@@ -20,7 +20,8 @@ resident set size minus the resident size before the first step (``ru_maxrss`` d
     python benchmarks/bench_gnnmoe.py --quick                  # smoke run: 1 block, tiny batches, 2 repeats
     python benchmarks/bench_gnnmoe.py --device cuda --dtype bf16
 
-(``PYTHONPATH=.`` makes the script import this checkout's ``peft_gnnmoe``.) Writes benchmarks/results/gnnmoe_bench.json (or ``--output``) and prints a Markdown table per setting.
+``PYTHONPATH=.`` makes the script import this checkout's ``peft_gnnmoe``. Writes
+benchmarks/results/gnnmoe_bench.json (or ``--output``) and prints a Markdown table per setting.
 """
 
 from __future__ import annotations
