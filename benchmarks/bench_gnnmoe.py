@@ -13,7 +13,7 @@ Timing: a training step (forward + backward + AdamW step, train mode) and infere
 rotates every repeat); the median over repeats is reported, with ratios to LoRA. ``os.getloadavg()`` is printed at
 start and end: on a loaded machine the absolute times are indicative only, the interleaved ratios less so.
 Peak memory: every variant runs one warm-up and one training step in its own subprocess; on CPU the figure is the peak
-resident set size minus the resident size before the first step (``ru_maxrss`` delta), on CUDA
+resident set size (``VmHWM``, reset just before the first step) minus the resident size before it, on CUDA
 ``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
 
     PYTHONPATH=. python benchmarks/bench_gnnmoe.py             # everything (several minutes on 2 cores)
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -149,6 +148,18 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Reset the process's high-water mark (Linux >= 4.0), so that building the model does not count as the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype) -> dict:
     """In a fresh process: the memory one training step adds (warm-up + one step), in MB."""
     v = Variant(name, s, device, dtype)
@@ -157,6 +168,7 @@ def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype) -> d
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        _reset_peak_rss()
         before = _rss_bytes()
     v.train_step()
     v.train_step()
@@ -164,7 +176,7 @@ def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype) -> d
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss_bytes()
     return {"variant": name, "peak_extra_mb": max(peak - before, 0) / 2**20}
 
 
@@ -271,7 +283,7 @@ def main() -> None:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}
     result = {
         "config": config | {"gnnmoe_budget": GNNMOE_BUDGET, "torch": torch.__version__},
-        "memory_method": "own subprocess per variant; CPU: ru_maxrss minus RSS before the first step; "
+        "memory_method": "own subprocess per variant; CPU: VmHWM (reset before the first step) minus RSS then; "
         "CUDA: max_memory_allocated minus memory_allocated before",
         "loadavg_start": load_start,
         "loadavg_end": load_end,
