@@ -1,15 +1,27 @@
-"""Training-step time and peak memory of GNN-MoE (each router) against PEFT LoRA and PEFT LoKr, in one run.
+"""What GNN-MoE costs users against PEFT LoRA (and LoKr): training step and inference, three settings, one command.
 
-Every variant adapts the same ViT (ViT-B/16 shape, fewer blocks, random init, 224 px, CPU) and runs in its own
-subprocess, so that peak memory is measured in isolation: the peak resident set size over the steps minus the
-resident size before the first one (activations, gradients and autograd buffers).
-A second part times one adapted 768x768 layer: GNN-MoE's factored Kronecker expert against PEFT LoKr's layer (which
-builds the Kronecker product every call) at the same factor shapes.
+Settings (random inputs; the ViT shapes are randomly initialised):
 
-    python benchmarks/bench_gnnmoe.py                # full run (~3-5 min on 2 cores)
-    python benchmarks/bench_gnnmoe.py --layers 2 --steps 2 --batch 8   # quicker
+* ``tiny``: the embedded backbone ``assets/vit-tiny-fashion-contours`` (64 wide, 7x7 patches), q/k/v, batch 24,
+  LoRA r=4 (as the DG recipe) vs the default ``GNNMoEConfig`` for every router.
+* ``vits``: ViT-S/16 shape (384 wide, 4 blocks, 224 px), batch 8, q/k/v/o/fc1/fc2, LoRA r=8 vs the default config.
+* ``vitb``: ViT-B/16 shape (768 wide, 4 blocks, 224 px), batch 8, q/k/v, LoRA r=8 and PEFT LoKr r=8 vs the
+  param-matched budget config (``GNNMOE_BUDGET``; ``router_hidden=8`` for SAGE, which has two Linears).
 
-Writes benchmarks/results/gnnmoe_bench.json and prints a Markdown table with ratios to LoRA.
+Timing: a training step (forward + backward + AdamW step, train mode) and inference (eval forward under
+``torch.inference_mode()``). All variants of a setting live in one process and are timed round-robin (the order
+rotates every repeat); the median over repeats is reported, with ratios to LoRA. ``os.getloadavg()`` is printed at
+start and end: on a loaded machine the absolute times are indicative only, the interleaved ratios less so.
+Peak memory: every variant runs one warm-up and one training step in its own subprocess; on CPU the figure is the peak
+resident set size (``VmHWM``, reset just before the first step) minus the resident size before it, on CUDA
+``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
+
+    PYTHONPATH=. python benchmarks/bench_gnnmoe.py             # everything (several minutes on 2 cores)
+    python benchmarks/bench_gnnmoe.py --quick                  # smoke run: 1 block, tiny batches, 2 repeats
+    python benchmarks/bench_gnnmoe.py --device cuda --dtype bf16
+
+``PYTHONPATH=.`` makes the script import this checkout's ``peft_gnnmoe``. Writes
+benchmarks/results/gnnmoe_bench.json (or ``--output``) and prints a Markdown table per setting.
 """
 
 from __future__ import annotations
@@ -17,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,41 +37,110 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
-
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TINY_BACKBONE = ROOT / "assets" / "vit-tiny-fashion-contours"
+QKV = ["q_proj", "k_proj", "v_proj"]
+ALL_LINEAR = QKV + ["o_proj", "fc1", "fc2"]
 # GNN-MoE at a trainable-parameter budget no larger than LoRA r=8 on the same q/k/v layers
 GNNMOE_BUDGET = dict(num_experts=4, top_k=2, kron_factor=4, kron_rank=1, router_hidden=16, expert_bias=False)
+SETTINGS = {
+    "tiny": dict(width=None, layers=None, image=28, batch=24, targets=QKV, lora_r=4, lokr=False, budget=False),
+    "vits": dict(width=384, layers=4, image=224, batch=8, targets=ALL_LINEAR, lora_r=8, lokr=False, budget=False),
+    "vitb": dict(width=768, layers=4, image=224, batch=8, targets=QKV, lora_r=8, lokr=True, budget=True),
+}
+QUICK = dict(layers=1, batch=2)  # --quick: the ViT shapes get one block; every batch is 2
 
 
-def _vit(layers: int):
+def routers() -> tuple[str, ...]:
+    from peft_gnnmoe.tuners.gnnmoe.config import ROUTER_TYPES
+
+    return tuple(ROUTER_TYPES)
+
+
+def setting(name: str, quick: bool) -> dict:
+    s = dict(SETTINGS[name])
+    if quick:
+        s["batch"] = QUICK["batch"]
+        s["layers"] = s["layers"] and QUICK["layers"]
+    return s
+
+
+def variants(name: str, chosen_routers: list[str]) -> list[str]:
+    return ["lora"] + (["lokr"] if SETTINGS[name]["lokr"] else []) + [f"gnnmoe-{r}" for r in chosen_routers]
+
+
+def build_model(s: dict) -> torch.nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
+    if s["width"] is None:
+        return ViTForImageClassification.from_pretrained(TINY_BACKBONE, num_labels=10)
     config = ViTConfig(
-        hidden_size=768,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=224,
+        hidden_size=s["width"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["width"] // 64,
+        intermediate_size=4 * s["width"],
+        image_size=s["image"],
         patch_size=16,
         num_labels=10,
     )
     return ViTForImageClassification(config)
 
 
-def _peft_config(variant: str):
+def peft_config(variant: str, s: dict):
     from peft import LoKrConfig, LoraConfig
 
     from peft_gnnmoe import GNNMoEConfig
 
-    targets = ["q_proj", "k_proj", "v_proj"]
+    common = dict(target_modules=s["targets"], modules_to_save=["classifier"])
     if variant == "lora":
-        return LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["classifier"])
+        return LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], **common)
     if variant == "lokr":
-        return LoKrConfig(r=8, alpha=16, target_modules=targets, modules_to_save=["classifier"])
-    router = variant.split("-")[1]
-    budget = dict(GNNMOE_BUDGET, router_hidden=8) if router == "sage" else GNNMOE_BUDGET  # SAGE has two Linears
-    return GNNMoEConfig(router=router, target_modules=targets, modules_to_save=["classifier"], **budget)
+        return LoKrConfig(r=8, alpha=16, **common)
+    router = variant.removeprefix("gnnmoe-")
+    if not s["budget"]:
+        return GNNMoEConfig(router=router, **common)
+    budget = dict(GNNMOE_BUDGET, router_hidden=8) if router == "sage" else GNNMOE_BUDGET
+    return GNNMoEConfig(router=router, **common, **budget)
+
+
+class Variant:
+    """One adapted model with its optimizer and a fixed batch; ``train_step()`` and ``infer()`` are what we time."""
+
+    def __init__(self, name: str, s: dict, device: str, dtype: torch.dtype) -> None:
+        from peft import get_peft_model
+
+        import peft_gnnmoe  # noqa: F401  (registers the tuner)
+
+        self.name = name
+        self.model = get_peft_model(build_model(s), peft_config(name, s)).to(device=device, dtype=dtype)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for n, p in self.model.named_parameters() if p.requires_grad)
+        self.trainable_adapter = sum(
+            p.numel() for n, p in self.model.named_parameters() if p.requires_grad and "classifier" not in n
+        )
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(s["batch"], 3, s["image"], s["image"], generator=generator).to(device, dtype)
+        self.labels = torch.randint(0, 10, (s["batch"],), generator=generator).to(device)
+        self.device = device
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model(pixel_values=self.pixels, labels=self.labels).loss.backward()
+        self.optimizer.step()
+
+    def infer(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(pixel_values=self.pixels)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _rss_bytes() -> int:
@@ -68,137 +148,148 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_variant(variant: str, layers: int, batch: int, steps: int) -> dict:
-    """Time `steps` forward+backward steps (after one warm-up) and measure the peak memory they add."""
-    from peft import get_peft_model
-
-    import peft_gnnmoe  # noqa: F401  (registers the tuner)
-
-    model = get_peft_model(_vit(layers), _peft_config(variant)).train()
-    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, 224, 224, generator=generator)
-    labels = torch.randint(0, 10, (batch,), generator=generator)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        model(pixel_values=pixels, labels=labels).loss.backward()
-
-    rss_before = _rss_bytes()  # before the first step: its allocations count, later steps may reuse them
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "variant": variant,
-        "trainable_params": trainable,
-        "step_s": statistics.median(times),
-        "peak_extra_mb": max(peak - rss_before, 0) / 2**20,
-    }
+def _reset_peak_rss() -> None:
+    """Reset the process's high-water mark (Linux >= 4.0), so that building the model does not count as the peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
-def time_layers(tokens: int, repeats: int) -> dict:
-    """One 768x768 layer, forward+backward: PEFT LoKr's layer vs frozen Linear + one factored Kronecker expert."""
-    from peft import LoKrConfig, get_peft_model
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
-    from peft_gnnmoe.tuners.gnnmoe.kronecker import init_kron_experts, kron_moe_forward
 
-    torch.manual_seed(0)
-    dim, factor, rank = 768, 4, 8
-    lokr = get_peft_model(
-        torch.nn.Sequential(torch.nn.Linear(dim, dim)),
-        LoKrConfig(r=rank, target_modules=["0"], decompose_factor=factor, init_weights=False),
-    )
-    base = torch.nn.Linear(dim, dim).requires_grad_(False)
-    expert = {k: v.requires_grad_() for k, v in init_kron_experts(dim, dim, 1, factor, rank, False).items()}
-    x = torch.randn(tokens, dim)
-    gates = torch.ones(tokens, 1)
+def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype) -> dict:
+    """In a fresh process: the memory one training step adds (warm-up + one step), in MB."""
+    v = Variant(name, s, device, dtype)
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        before = _rss_bytes()
+    v.train_step()
+    v.train_step()
+    _sync(device)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _peak_rss_bytes()
+    return {"variant": name, "peak_extra_mb": max(peak - before, 0) / 2**20}
 
-    def ours():
-        y = base(x) + kron_moe_forward(x, gates, expert["rules"], expert["left"], expert["right"], expert["bias"])
-        y.sum().backward()
 
-    def theirs():
-        lokr(x).sum().backward()
-
-    result = {}
-    for name, fn in (("kron_expert", ours), ("lokr_layer", theirs)):
-        fn()
-        times = []
-        for _ in range(repeats):
+def time_round_robin(models: list[Variant], what: str, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of ``what`` per variant, variants interleaved, the order rotated every repeat."""
+    times: dict[str, list[float]] = {m.name: [] for m in models}
+    for m in models:  # warm-up
+        getattr(m, what)()
+    for rep in range(repeats):
+        for m in models[rep % len(models) :] + models[: rep % len(models)]:
+            _sync(device)
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        result[name] = statistics.median(times)
-    return result
+            getattr(m, what)()
+            _sync(device)
+            times[m.name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    s = setting(name, args.quick)
+    names = variants(name, args.routers)
+    memory = {}
+    if args.memory:
+        for v in names:
+            cmd = [sys.executable, __file__, "--worker", name, v, "--device", args.device, "--dtype", args.dtype]
+            cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            memory[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+    models = [Variant(v, s, args.device, dtype) for v in names]
+    train = time_round_robin(models, "train_step", args.repeats, args.device)
+    infer = time_round_robin(models, "infer", args.repeats, args.device)
+    rows = []
+    for m in models:
+        row = {
+            "setting": name,
+            "variant": m.name,
+            "trainable_params": m.trainable_adapter,
+            "train_step_s": train[m.name],
+            "inference_s": infer[m.name],
+            "peak_extra_mb": memory.get(m.name),
+        }
+        rows.append(row)
+    lora = rows[0]
+    for row in rows:
+        row["train_vs_lora"] = row["train_step_s"] / lora["train_step_s"]
+        row["inference_vs_lora"] = row["inference_s"] / lora["inference_s"]
+        row["params_vs_lora"] = row["trainable_params"] / lora["trainable_params"]
+        if args.memory:
+            row["memory_vs_lora"] = row["peak_extra_mb"] / lora["peak_extra_mb"]
+    return rows
+
+
+def print_table(name: str, s: dict, rows: list[dict]) -> None:
+    shape = "embedded backbone (64 wide, 4 blocks, 7x7 patches)" if s["width"] is None else f"{s['width']} wide"
+    blocks = "" if s["width"] is None else f", {s['layers']} blocks"
+    print(f"\n**{name}**: {shape}{blocks}, {s['image']} px, batch {s['batch']}, targets {'/'.join(s['targets'])}")
+    print("\n| variant | adapter params | train step ms | × LoRA | inference ms | × LoRA | peak extra MB | × LoRA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mem = "n/a | n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f} | {r['memory_vs_lora']:.2f}"
+        print(
+            f"| {r['variant']} | {r['trainable_params']:,} | {r['train_step_s'] * 1e3:.1f} | {r['train_vs_lora']:.2f} "
+            f"| {r['inference_s'] * 1e3:.1f} | {r['inference_vs_lora']:.2f} | {mem} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4, help="ViT-B/16 blocks (the real model has 12)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
-    parser.add_argument("--variants", nargs="+", default=["lora", "lokr", "gnnmoe-gcn", "gnnmoe-gat", "gnnmoe-sage"])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--routers", nargs="+", default=None, help="GNN-MoE routers (default: every router type)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 7; quick 2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 block, batch 2, 2 repeats")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="peak memory pass")
+    parser.add_argument("--output", type=Path, default=RESULTS / "gnnmoe_bench.json")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.worker:
-        print(json.dumps(run_variant(args.worker, args.layers, args.batch, args.steps)))
+        name, variant = args.worker
+        print(json.dumps(peak_memory_worker(variant, setting(name, args.quick), args.device, dtype)))
         return
+    args.routers = args.routers or list(routers())
+    args.repeats = args.repeats or (2 if args.quick else 7)
 
+    load_start = os.getloadavg()
+    print(
+        f"load average at start: {load_start}; torch {torch.__version__}, {args.device}, {args.dtype}, "
+        f"{args.threads} thread(s)",
+        flush=True,
+    )
     rows = []
-    for variant in args.variants:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            variant,
-            "--layers",
-            str(args.layers),
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-        ]
-        print(f"running {variant} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    lora = next(r for r in rows if r["variant"] == "lora")
-    for r in rows:
-        r["time_vs_lora"] = r["step_s"] / lora["step_s"]
-        r["memory_vs_lora"] = r["peak_extra_mb"] / lora["peak_extra_mb"]
-        r["params_vs_lora"] = r["trainable_params"] / lora["trainable_params"]
-    layer = time_layers(tokens=args.batch * 197, repeats=10)
-
-    threads = torch.get_num_threads()
-    print(
-        f"\nViT-B/16 shape, {args.layers} blocks, batch {args.batch}, 224 px, CPU ({threads} threads); "
-        "q/k/v adapted; GNN-MoE "
-        + ", ".join(f"{k}={v}" for k, v in GNNMOE_BUDGET.items())
-        + " (router_hidden=8 for SAGE)"
-    )
-    print("\n| method | trainable params | step (s) | × LoRA time | peak extra MB | × LoRA memory |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['variant']} | {r['trainable_params']:,} | {r['step_s']:.2f} | {r['time_vs_lora']:.2f} | "
-            f"{r['peak_extra_mb']:.0f} | {r['memory_vs_lora']:.2f} |"
-        )
-    print(
-        f"\nOne 768x768 layer, {args.batch * 197} tokens, forward+backward: factored Kronecker expert "
-        f"{layer['kron_expert'] * 1e3:.1f} ms vs PEFT LoKr layer {layer['lokr_layer'] * 1e3:.1f} ms "
-        f"(× {layer['kron_expert'] / layer['lokr_layer']:.2f})"
-    )
-    RESULTS.mkdir(exist_ok=True)
-    out = {
-        "config": vars(args) | {"gnnmoe": GNNMOE_BUDGET, "threads": torch.get_num_threads()},
-        "models": rows,
-        "layer": layer,
+    for name in args.settings:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        setting_rows = run_setting(name, args, dtype)
+        print_table(name, setting(name, args.quick), setting_rows)
+        rows += setting_rows
+    load_end = os.getloadavg()
+    print(f"\nload average at end: {load_end}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}
+    result = {
+        "config": config | {"gnnmoe_budget": GNNMOE_BUDGET, "torch": torch.__version__},
+        "memory_method": "own subprocess per variant; CPU: VmHWM (reset before the first step) minus RSS then; "
+        "CUDA: max_memory_allocated minus memory_allocated before",
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "rows": rows,
     }
-    (RESULTS / "gnnmoe_bench.json").write_text(json.dumps(out, indent=2))
+    args.output.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ the token as ``X = x.view(n, p)`` (row-major), ``(A ⊗ B)`` acts as ``x (A ⊗ 
 
 which costs O(E r n (in + out + n²)) per token and never forms ``H_e`` (``E * in * out`` numbers) in forward or
 backward. The routing weights are folded in before the last contraction, so the experts' outputs are never
-materialised one by one either.
+materialised one by one either. On narrow layers the rules are folded into the left factors first (a weight-only
+tensor), trading ``n`` times the first matmul's multiply-adds for fewer kernels; see ``kron_moe_forward``.
 
 Parameter shapes: ``rules`` (n, n, n) as [k, a, c]; ``left`` (E, n, p, r) as [e, k, b, r]; ``right`` (E, n, r, q) as
 [e, k, r, d]; ``bias`` (E, out_features), optional.
@@ -52,6 +53,11 @@ def init_kron_experts(
     return {"rules": rules, "left": left, "right": right, "bias": bias}
 
 
+# Fold the rules into the left factors (one weight-only tensor of in_features * E * n * n * r numbers) when it is
+# at most this big: on narrow layers the saved kernel launches and copies outweigh the extra multiply-adds.
+FOLD_MAX_NUMEL = 2**16
+
+
 def kron_moe_forward(
     x: torch.Tensor,
     gates: torch.Tensor,
@@ -69,24 +75,68 @@ def kron_moe_forward(
 
     Returns:
         Tensor of shape (..., out_features).
+
+    Two contraction orders give the same result (tests pin both); the smaller layers take the folded one.
+    """
+    num_experts, n, p, r = left.shape
+    if n * p * num_experts * n * n * r <= FOLD_MAX_NUMEL:
+        return kron_moe_forward_folded(x, gates, rules, left, right, bias)
+    return kron_moe_forward_blocked(x, gates, rules, left, right, bias)
+
+
+def kron_moe_forward_folded(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    rules: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``kron_moe_forward`` with the rules folded into the left factors: two matmuls and one gate multiply.
+
+    ``M[(a, b), (c, e, k, r)] = S_k[a, c] L_{e,k}[b, r]`` is built once per call (no token dimension); then
+    ``y = ((x M) * g) R`` with the gates broadcast over a 4-D view. No token-sized tensor is permuted or copied;
+    the first matmul does ``n`` times the multiply-adds of the blocked order.
     """
     num_experts, n, p, r = left.shape
     q = right.shape[-1]
     lead = x.shape[:-1]
-    x = x.reshape(-1, n, p)  # T, n_a, p
+    folded = rules.permute(1, 2, 0)[:, None, :, None, :, None] * left.permute(2, 0, 1, 3)[None, :, None]
     g = gates.reshape(-1, num_experts).to(x.dtype)  # T, E
-    # X L: contract p for every expert and rule at once -> T, n_a, (E n_k r)
-    u = x @ left.permute(2, 0, 1, 3).reshape(p, num_experts * n * r)
-    u = u.view(-1, n, num_experts, n, r)  # T, a, e, k, r
-    # S_kᵀ (X L_{e,k}): contract a -> T, e, k, c, r
-    v = torch.einsum("taekr,kac->tekcr", u, rules)
-    v = v * g[:, :, None, None, None]
-    # contract (e, k, r) with R -> T, c, q
-    v = v.permute(0, 3, 1, 2, 4).reshape(-1, n, num_experts * n * r)
-    y = v @ right.reshape(num_experts * n * r, q)
-    y = y.reshape(-1, n * q)
+    u = x.reshape(-1, n * p) @ folded.reshape(n * p, n * num_experts * n * r)  # T, (c e k r)
+    u = u.view(-1, n, num_experts, n * r) * g[:, None, :, None]
+    y = (u.view(-1, num_experts * n * r) @ right.reshape(num_experts * n * r, q)).view(-1, n * q)  # (T c), d
     if bias is not None:
-        y = y + g @ bias
+        y = torch.addmm(y, g, bias)
+    return y.reshape(*lead, n * q)
+
+
+def kron_moe_forward_blocked(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    rules: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``kron_moe_forward`` in the order of fewest multiply-adds, experts-major so that nothing token-sized is copied.
+
+    ``U = L xᵀ`` is laid out (e, k, r, t, a); the rules contract ``a`` as one batched matmul over (e, k); the gates
+    scale the result (a 4-D broadcast); ``Uᵀ R`` sums over (e, k, r). Transposed operands go to BLAS as views.
+    """
+    num_experts, n, p, r = left.shape
+    q = right.shape[-1]
+    lead = x.shape[:-1]
+    blocks = x.reshape(-1, p)  # (T a), b
+    tokens = blocks.shape[0] // n
+    g = gates.reshape(-1, num_experts).to(x.dtype)  # T, E
+    u = left.transpose(2, 3).reshape(num_experts * n * r, p) @ blocks.t()  # (e k r), (T a)
+    z = u.view(num_experts, n, r * tokens, n) @ rules.unsqueeze(0)  # e, k, (r T), c
+    z = z.view(num_experts, n * r, tokens, n) * g.t()[:, None, :, None]
+    y = z.view(num_experts * n * r, tokens * n).t() @ right.reshape(num_experts * n * r, q)  # (T c), d
+    y = y.view(tokens, n * q)
+    if bias is not None:
+        y = torch.addmm(y, g, bias)
     return y.reshape(*lead, n * q)
 
 

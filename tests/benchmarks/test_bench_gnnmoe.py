@@ -1,0 +1,38 @@
+"""Smoke runs of benchmarks/bench_gnnmoe.py (--quick, one setting, one router) so that the benchmark does not rot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks" / "bench_gnnmoe.py"
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's peft_gnnmoe, not the editable install's
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, check=True, env=env
+    ).stdout
+
+
+def test_quick_run_writes_ratios_to_lora_and_prints_the_table(tmp_path):
+    output = tmp_path / "bench.json"
+    args = ["--quick", "--settings", "tiny", "--routers", "gcn", "--repeats", "1", "--no-memory"]
+    stdout = _run(*args, "--output", str(output))
+    result = json.loads(output.read_text())
+    assert [row["variant"] for row in result["rows"]] == ["lora", "gnnmoe-gcn"]
+    assert result["rows"][0]["train_vs_lora"] == 1.0
+    assert result["rows"][1]["train_step_s"] > 0
+    assert result["rows"][1]["inference_s"] > 0
+    assert len(result["loadavg_start"]) == 3
+    assert "| gnnmoe-gcn |" in stdout
+    assert "load average at end" in stdout
+
+
+def test_memory_worker_reports_the_peak_a_training_step_adds():
+    stdout = _run("--worker", "tiny", "gnnmoe-gcn", "--quick")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["variant"] == "gnnmoe-gcn"
+    assert report["peak_extra_mb"] > 0
