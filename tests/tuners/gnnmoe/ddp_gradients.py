@@ -1,4 +1,5 @@
 """Worker for test_trainer.py: the first optimizer step's gradients of a GNN-MoE ViT under Trainer, written by rank 0.
+(test_trainer.py also uses its ``Images`` and ``CaptureGradients``.)
 
 Run with ``torchrun --nproc_per_node N ddp_gradients.py OUT.pt`` (CPU, gloo): the effective batch is 8 images,
 ``8 / N`` per process, so every N must give the same (averaged) gradients.

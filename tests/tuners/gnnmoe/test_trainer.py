@@ -10,9 +10,11 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from peft_gnnmoe import GNNMoEConfig
+
+from .ddp_gradients import CaptureGradients, Images
 
 REPO = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("ddp_gradients.py")
@@ -25,28 +27,6 @@ AUX_CONFIG = dict(
     z_loss_weight=1.0,
     modules_to_save=["classifier"],
 )
-
-
-class Images(Dataset):
-    def __init__(self, size: int = 8):
-        generator = torch.Generator().manual_seed(3)
-        self.pixels = torch.randn(size, 3, 32, 32, generator=generator)
-        self.labels = torch.randint(0, 3, (size,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
-
-
-class CaptureGradients(TrainerCallback):
-    def __init__(self, model):
-        self.model, self.grads = model, None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
 def _relative_difference(grads: dict, reference: dict) -> float:
