@@ -57,9 +57,13 @@ def forward_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, 
     return dict(signature.bind_partial(*args, **kwargs).arguments) | kwargs
 
 
-def loss_context(model: nn.Module, args: tuple, kwargs: dict) -> LossContext:
-    """Read labels, ``shift_labels``, ``num_items_in_batch`` and the attention mask of a call (in a pre-hook)."""
-    named = forward_arguments(model, args, kwargs)
+def loss_context(model: nn.Module, args: tuple, kwargs: dict, named: dict[str, Any] | None = None) -> LossContext:
+    """Read labels, ``shift_labels``, ``num_items_in_batch`` and the attention mask of a call (in a pre-hook).
+
+    ``named``: the call's ``forward_arguments``, when the caller has them already (saves binding them again).
+    """
+    if named is None:
+        named = forward_arguments(model, args, kwargs)
     nested = named.get("kwargs") if isinstance(named.get("kwargs"), dict) else {}
     get = lambda key: named.get(key, nested.get(key))  # noqa: E731
     return LossContext(

@@ -196,7 +196,7 @@ class SinkDecorrelationModel(BaseTuner):
         layers = module.get_submodule(self._layer_paths[adapter_name])
         indices = resolve_layer_indices(config.layers, len(layers))
         check_gradient_checkpointing(layers, indices)
-        call = SinkCall(config, indices, bos_positions, token_mask, loss_context(module, args, kwargs))
+        call = SinkCall(config, indices, bos_positions, token_mask, loss_context(module, args, kwargs, named=inputs))
         self._calls.start(call, layers)
         return args, kwargs
 
