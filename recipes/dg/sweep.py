@@ -38,6 +38,7 @@ PROTOCOL_KEYS = (
     "steps",
     "batch_size",
     "lr",
+    "method_lr",
     "weight_decay",
     "image_size",
     "no_augment",
@@ -143,7 +144,9 @@ class Sweep:
         if trackers:
             self.acc.init_trackers(
                 "dg",
-                config={k: str(v) if isinstance(v, (list, tuple)) or v is None else v for k, v in vars(args).items()},
+                config={
+                    k: str(v) if isinstance(v, (list, tuple, dict)) or v is None else v for k, v in vars(args).items()
+                },
             )
 
     def _prepare_output_dir(self) -> None:
@@ -218,7 +221,8 @@ class Sweep:
         set_seed(seed_hash("init", trial, test_env))  # same head initialisation for every method
         model = methods.build_model(method, args.backbone, self.classes, self.hp)
         trainable, total = methods.count_parameters(model)
-        lr = args.lr or methods.DEFAULT_LR[methods.base_method(method)]
+        base = methods.base_method(method)
+        lr = args.lr or args.method_lr.get(base) or methods.DEFAULT_LR[base]
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=args.weight_decay
         )
