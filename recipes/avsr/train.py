@@ -15,9 +15,11 @@ transcripts, and the adapter + projector weights (safetensors).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from .config import RunConfig, parse_args, resolve_config
+from .controls import seed_summary, seed_table
 from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from .loop import Log, evaluate_final, make_accelerator, results_table, run
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if config.eval_only:
         results = [evaluate_final(config, accelerator, splits, out / "eval", log)]
+    elif config.seeds:
+        return run_seeds(config, accelerator, splits, log)
     else:
         results = [run(config, accelerator, splits, m, out / m, log)[0] for m in config.modalities]
     table = results_table(results)
@@ -49,6 +53,26 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     log("\n" + table)
     return {r["modality"]: r for r in results}
+
+
+def run_seeds(config: RunConfig, accelerator, splits: dict[str, list[Utterance]], log: Log) -> dict:
+    """``--seeds``: every modality once per seed in ``output_dir/seed_<S>/<modality>``, on the same corpus and
+    stand-ins (those of ``--seed``); writes ``results.json`` (``{"runs": per-seed rows, "summary": mean/std}``) and
+    ``results.md`` (mean ± std). Returns ``{modality: summary}``."""
+    runs = []
+    for seed in config.seeds:
+        seeded = dataclasses.replace(config, seed=seed)
+        for m in config.modalities:
+            result = run(seeded, accelerator, splits, m, config.output_dir / f"seed_{seed}" / m, log)[0]
+            runs.append({"seed": seed, **result})
+    summary = seed_summary(runs)
+    table = seed_table(summary)
+    if accelerator.is_main_process:
+        (config.output_dir / "results.md").write_text(table)
+        results = {"seeds": list(config.seeds), "data_seed": config.seed, "runs": runs, "summary": summary}
+        (config.output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    log("\n" + table)
+    return summary
 
 
 def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utterance]]:
