@@ -111,7 +111,8 @@ class AVSRDataset(Dataset):
         self.snr_db = snr_db
         self.noise_type, self.babble = noise_type, babble
         self.augment = augment if train and augment is not None and augment.active else None
-        if (snr_db is not None and noise_type == "babble" or self.augment and self.augment.snr_range) and not babble:
+        wants_babble = (snr_db is not None and noise_type == "babble") or (self.augment and self.augment.snr_range)
+        if wants_babble and modality != "vsr" and babble is None:
             raise ValueError("babble noise needs a bank of training utterances: pass babble=BabbleBank(...)")
         self.epoch = 0
         self.swap: tuple[str, list[int]] | None = None  # (stream, donor index per item): see __getitem__

@@ -208,3 +208,14 @@ def test_average_of_checkpoints_is_the_mean_of_the_saved_tensors(tmp_path):
     for key in ("w", "b"):
         assert torch.allclose(mean[key], torch.stack([s[key] for s in saved]).mean(0), atol=1e-7)
     assert torch.equal(average_checkpoints(paths[:1])["w"], saved[0]["w"])
+
+
+def test_babble_options_leave_a_video_only_run_alone(tmp_path):
+    from recipes.avsr.data.media import write_video
+
+    frames = np.random.default_rng(0).integers(0, 255, size=(10, 48, 48), dtype=np.uint8)
+    write_video(tmp_path / "v.mp4", frames)
+    utts = [Utterance("v", str(tmp_path / "v.mp4"), None, "word", 10)]
+    config = LoaderConfig(crop_size=44, test_snr_db=0.0, test_noise="babble", train_snr_range=(-5.0, 20.0))
+    assert make_loader(config, utts, "vsr").dataset[0]["video"].shape == (10, 44, 44)
+    assert make_loader(config, utts, "vsr", train=True).dataset[0]["video"].shape == (10, 44, 44)
