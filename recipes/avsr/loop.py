@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -207,7 +208,10 @@ def run(
     test_loader = make_loader(
         config.loader, splits["test"], modality, extractor, tokenizer, False, babble_from=train_utts
     )
-    val_loader = make_loader(config.loader, val_utts, modality, extractor, tokenizer, False) if val_utts else None
+    val_loader = None
+    if val_utts:  # clean, like the training split it comes from (the test noise is for the test set)
+        clean = dataclasses.replace(config.loader, test_snr_db=None)
+        val_loader = make_loader(clean, val_utts, modality, extractor, tokenizer, False)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     results = _describe(model_config, modality)

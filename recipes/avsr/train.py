@@ -2,6 +2,7 @@
 
     accelerate launch -m recipes.avsr                       # embedded default: offline corpus, asr + vsr + avsr
     accelerate launch -m recipes.avsr --experiment sinks    # the sink paper's experiment in miniature
+    accelerate launch -m recipes.avsr --seeds 0 1 2 --swap_controls   # mean +- std over seeds, with swap controls
     accelerate launch -m recipes.avsr --modality avsr --data_dir /data/lrs3 --llm meta-llama/Llama-3.2-1B \\
         --audio_encoder openai/whisper-medium --video_encoder path/to/lip_encoder --audio_rate 4 --video_rate 2 \\
         --decor_weight 0.1 --output_dir runs/avsr
@@ -9,8 +10,9 @@
 Without ``--data_dir`` the recipe synthesises a small GRID-like corpus (espeak-ng speech + phoneme-timed mouth
 video, written in the auto_avsr LRS3 layout), builds small stand-ins for the pretrained checkpoints (Whisper and lip
 encoders trained with word-level CTC, a Llama trained as a language model, all on the training split only), then
-trains projectors + LoRA and decodes every modality. Each run writes ``results.json`` / ``results.md``, the decoded
-transcripts, and the adapter + projector weights (safetensors).
+trains projectors + LoRA and decodes every modality. Each run writes ``results.json`` / ``results.md`` (with the chance
+level of the test set: :mod:`recipes.avsr.controls`), the decoded transcripts, and the adapter + projector weights
+(safetensors).
 """
 
 from __future__ import annotations
@@ -99,10 +101,10 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
     )
     if config.embedded:
         if accelerator.is_main_process:
-            build_stand_ins(
+            build_stand_ins(  # on clean inputs: the stand-ins do not depend on the run's augmentation
                 config.output_dir,
                 splits["train"],
-                config.loader,
+                dataclasses.replace(config.loader, train_snr_range=None, time_mask=False),
                 config.encoder_pretrain_steps,
                 config.text_pretrain_steps,
                 config.seed,
