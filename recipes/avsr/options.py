@@ -84,6 +84,8 @@ def check_control_options(args: argparse.Namespace, cache_features: bool) -> Non
         raise ValueError("--average_last and --val_utts take a count >= 0")
     if args.seeds and (args.experiment == "sinks" or args.eval_only):
         raise ValueError("--seeds repeats training runs; it does not apply to --experiment sinks or --eval_only")
+    if args.seeds and args.resume not in (None, "latest"):
+        raise ValueError(f"--resume {args.resume} is one run's checkpoint; with --seeds pass --resume latest")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds has repeated values: {args.seeds}")
 

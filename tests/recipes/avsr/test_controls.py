@@ -219,3 +219,29 @@ def test_babble_options_leave_a_video_only_run_alone(tmp_path):
     config = LoaderConfig(crop_size=44, test_snr_db=0.0, test_noise="babble", train_snr_range=(-5.0, 20.0))
     assert make_loader(config, utts, "vsr").dataset[0]["video"].shape == (10, 44, 44)
     assert make_loader(config, utts, "vsr", train=True).dataset[0]["video"].shape == (10, 44, 44)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--average_last", "3"], "--save_every"),
+        (["--average_last", "3", "--save_every", "5", "--checkpoints_total_limit", "2"], "checkpoints_total_limit"),
+        (["--decode_noise", "babble"], "--decode_snr_target"),
+        (["--seeds", "0", "1", "--eval_only", "--resume_from", "x"], "--seeds"),
+        (["--seeds", "0", "0"], "repeated"),
+        (["--seeds", "0", "1", "--modality", "asr", "--resume", "ckpt"], "--resume latest"),
+        (["--train_snr_range", "20", "-5", "--no-cache_features"], "LOW <= HIGH"),
+    ],
+)
+def test_control_options_that_cannot_work_are_refused_early(argv, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config(parse_args(argv))
+
+
+def test_seeds_and_swaps_are_off_by_default():
+    config = resolve_config(parse_args([]))
+    assert config.seeds is None
+    assert config.swap_controls is False
+    assert config.train.average_last == 0
+    assert config.train.val_utts == 0
+    assert resolve_config(parse_args(["--seeds", "0", "1", "2"])).seeds == (0, 1, 2)
