@@ -245,3 +245,17 @@ def test_seeds_and_swaps_are_off_by_default():
     assert config.train.average_last == 0
     assert config.train.val_utts == 0
     assert resolve_config(parse_args(["--seeds", "0", "1", "2"])).seeds == (0, 1, 2)
+
+
+def test_time_masking_blacks_out_whole_training_frames(tmp_path):
+    from recipes.avsr.data.dataset import LRS3_MEAN, LRS3_STD, VideoTransform
+    from recipes.avsr.data.media import write_video
+
+    write_video(tmp_path / "v.mp4", np.full((75, 48, 48), 200, dtype=np.uint8))
+    utts = [Utterance("v", str(tmp_path / "v.mp4"), None, "word", 75)]
+    transform = VideoTransform(crop_size=44)
+    masked = AVSRDataset(utts, "vsr", transform, train=True, augment=Augmentation(time_mask=True))[0]["video"]
+    clean = AVSRDataset(utts, "vsr", transform, train=True)[0]["video"]
+    black = np.isclose(masked, -LRS3_MEAN / LRS3_STD).all(axis=(1, 2))
+    assert 0 < black.sum() <= 3 * 9  # ceil(75 / 25) spans of at most 9 frames
+    assert np.array_equal(masked[~black], clean[~black])
