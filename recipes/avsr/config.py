@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.loader import LoaderConfig
+from .options import add_control_options, check_checkpoints_given, check_control_options
 from .stand_ins import stand_in_paths
 
 # LoRA settings: ours, and Llama-AVSR's (its README's commands: --reduction_lora 64 --alpha 8, no dropout)
@@ -170,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", default=None, help="checkpoint dir to resume from, or 'latest'")
     g.add_argument("--eval_only", action="store_true", help="decode the finished run --resume_from <run>/final")
     g.add_argument("--resume_from", default=None, help="--eval_only: a run's final/ folder (adapter + projectors)")
-    g.add_argument("--decode_snr_target", type=float, default=None, help="white noise at this SNR (dB) on test audio")
+    g.add_argument("--decode_snr_target", type=float, default=None, help="noise at this SNR (dB) on the test audio")
     g.add_argument("--num_beams", type=int, default=15)
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=16)
@@ -182,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--encoder_pretrain_steps", type=int, default=800, help="embedded encoders: CTC steps")
     g.add_argument("--text_pretrain_steps", type=int, default=300, help="embedded LLM: language-model steps")
+    add_control_options(p)
     return p.parse_args(argv)
 
 
@@ -221,6 +223,8 @@ class TrainConfig:
     save_every: int = 0
     checkpoints_total_limit: int | None = None
     resume: str | None = None
+    val_utts: int = 0
+    average_last: int = 0
 
     def learning_rate(self, modality: str) -> float:
         """``lr``, or Llama-AVSR's default: 5e-4 for VSR, 1e-3 for ASR and AVSR."""
@@ -268,20 +272,9 @@ class RunConfig:
     resume_from: Path | None
     encoder_pretrain_steps: int
     text_pretrain_steps: int
-
-
-def _check_checkpoints_given(args: argparse.Namespace) -> None:
-    needed = {"--llm": args.llm}
-    if {"asr", "avsr"} & set(args.modality):
-        needed["--audio_encoder"] = args.audio_encoder
-    if {"vsr", "avsr"} & set(args.modality):
-        needed["--video_encoder"] = args.video_encoder
-    missing = [flag for flag, value in needed.items() if not value]
-    if missing:
-        raise SystemExit(
-            f"with --data_dir, pass {', '.join(missing)} (the embedded models exist only for the "
-            "embedded corpus; e.g. --llm meta-llama/Llama-3.2-1B --audio_encoder openai/whisper-medium)"
-        )
+    seeds: tuple[int, ...] | None = None  # --seeds: one run per seed; corpus and stand-ins of ``seed``
+    swap_controls: bool = False
+    swap_seed: int = 0
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -292,7 +285,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """
     embedded = args.data_dir is None
     if not embedded:
-        _check_checkpoints_given(args)
+        check_checkpoints_given(args)
     several_runs = len(args.modality) > 1 or args.experiment == "sinks"
     if args.resume not in (None, "latest") and several_runs:
         raise ValueError(
@@ -306,7 +299,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         raise ValueError("--eval_only decodes one finished run; it does not apply to --experiment sinks")
     output_dir = Path(args.output_dir)
     random_crop = not embedded if args.random_crop is None else args.random_crop
-    cache_features = embedded if args.cache_features is None else args.cache_features
+    augmenting = bool(args.train_snr_range) or args.time_mask
+    cache_features = (embedded and not augmenting) if args.cache_features is None else args.cache_features
+    check_control_options(args, cache_features)
     if cache_features and random_crop:
         raise ValueError("--cache_features reuses encoder outputs, which --random_crop would change; pick one")
     stand_ins = stand_in_paths(output_dir)
@@ -344,6 +339,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         eval_batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
         test_snr_db=args.decode_snr_target,
+        test_noise=args.decode_noise,
+        train_snr_range=tuple(args.train_snr_range) if args.train_snr_range else None,
+        time_mask=args.time_mask,
     )
     train = TrainConfig(
         epochs=args.epochs or (12 if embedded else 10),
@@ -354,6 +352,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         save_every=args.save_every,
         checkpoints_total_limit=args.checkpoints_total_limit,
         resume=args.resume,
+        val_utts=args.val_utts,
+        average_last=args.average_last,
     )
     sinks = SinkConfig(
         rates=tuple(args.sink_rates) if args.sink_rates else ((1, 8) if args.modality[0] == "vsr" else (2, 16)),
@@ -389,4 +389,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         resume_from=Path(args.resume_from) if args.resume_from else None,
         encoder_pretrain_steps=args.encoder_pretrain_steps,
         text_pretrain_steps=args.text_pretrain_steps,
+        seeds=tuple(args.seeds) if args.seeds else None,
+        swap_controls=args.swap_controls,
+        swap_seed=args.swap_seed,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -13,10 +14,13 @@ from accelerate import Accelerator
 
 from recipes.common.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 
+from .averaging import load_average_of_last
 from .build import build_model, peft_config  # noqa: F401  (peft_config: part of this module's API)
 from .config import ModelConfig, RunConfig, TrainConfig
+from .controls import chance_baseline
 from .data.loader import make_loader
-from .data.lrs3 import Utterance, normalize_text
+from .data.lrs3 import Utterance
+from .evaluation import decode, score, swap_controls, validation_loss
 from .model import AVSRModel
 from .weights import load_final, read_run, register_trainable_checkpointing, save_final
 
@@ -51,6 +55,8 @@ def set_epoch(loader, epoch: int) -> int:
         inner = getattr(inner, "batch_sampler", None)
     if inner is not None:
         inner.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):  # the augmentation's draws (worker processes copy it at each epoch)
+        loader.dataset.set_epoch(epoch)
     return len(loader)
 
 
@@ -74,12 +80,15 @@ def train(
     modality: str,
     log: Log,
     skipped: dict[str, str] | None = None,
+    val_loader=None,
 ) -> dict:
     """AdamW (β 0.9/0.98) + cosine schedule over the trainable weights, with checkpoints every ``save_every`` steps.
 
     Checkpoints go to ``run_dir/checkpoints/step_<N>`` (:mod:`recipes.common.checkpoints`: atomic, the newest
     ``checkpoints_total_limit`` kept) with the epoch and the batches of it already consumed; ``resume`` is such a
-    folder or ``"latest"``. Files skipped as unreadable are added to ``skipped`` (uid -> reason).
+    folder or ``"latest"``. Files skipped as unreadable are added to ``skipped`` (uid -> reason). With a
+    ``val_loader``, the loss on it is logged after every epoch (``{"step", "epoch", "val_loss"}`` rows of the
+    history).
     """
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -145,14 +154,18 @@ def train(
                 f"{modality} training: no file of epoch {epoch} could be read ({len(skipped)} skipped, e.g. "
                 f"{list(skipped.values())[:3]}); check the data (--data_dir, the labels CSV, the file formats)"
             )
+        if val_loader is not None:
+            history.append({"step": step, "epoch": epoch, "val_loss": validation_loss(accelerator, model, val_loader)})
+            log(f"[{modality}] epoch {epoch}: validation loss {history[-1]['val_loss']}")
         epoch, done = epoch + 1, 0
     bar.close()
+    losses = [h["loss"] for h in history if "loss" in h]
     return {
         "steps": step,
         "lr": lr,
         "train_seconds": round(time.time() - start, 1),
         "trainable_params": n_params,
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": losses[-1] if losses else None,
         "history": history,
     }
 
@@ -160,45 +173,6 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------------
 # Decode and score
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def decode(
-    accelerator: Accelerator,
-    model,
-    loader,
-    desc: str,
-    num_beams: int = 15,
-    max_new_tokens: int = 32,
-    skipped: dict[str, str] | None = None,
-) -> list[dict]:
-    """Beam-search every test utterance; returns ``{"uid", "ref", "hyp"}`` rows (unreadable files go to
-    ``skipped``). The model moves each batch to its own device (:meth:`AVSRModel.assemble`)."""
-    from tqdm.auto import tqdm
-
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    rows = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        if skipped is not None:
-            skipped.update(batch.get("skipped", {}))
-        if not batch["uids"]:
-            continue
-        with accelerator.autocast():
-            hyps = model.generate(batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
-        rows += [
-            {"uid": u, "ref": r, "hyp": normalize_text(h)} for u, r, h in zip(batch["uids"], batch["texts"], hyps)
-        ]
-    return rows
-
-
-def score(rows: list[dict]) -> dict:
-    """WER and CER (jiwer) on lower-cased, punctuation-free words."""
-    import jiwer
-
-    if not rows:
-        raise RuntimeError("no test utterance could be decoded (all files unreadable?)")
-    refs, hyps = [r["ref"] for r in rows], [r["hyp"] for r in rows]
-    return {"wer": round(100 * jiwer.wer(refs, hyps), 2), "cer": round(100 * jiwer.cer(refs, hyps), 2), "n": len(rows)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,8 +201,17 @@ def run(
     set_seed(config.seed)
     model, extractor = build_model(model_config, modality)
     tokenizer = model.tokenizer
-    train_loader = make_loader(config.loader, splits["train"], modality, extractor, tokenizer, True, config.seed)
-    test_loader = make_loader(config.loader, splits["test"], modality, extractor, tokenizer, False)
+    train_utts, val_utts = split_validation(splits["train"], config.train.val_utts)
+    train_loader = make_loader(
+        config.loader, train_utts, modality, extractor, tokenizer, True, config.seed, babble_from=train_utts
+    )
+    test_loader = make_loader(
+        config.loader, splits["test"], modality, extractor, tokenizer, False, babble_from=train_utts
+    )
+    val_loader = None
+    if val_utts:  # clean, like the training split it comes from (the test noise is for the test set)
+        clean = dataclasses.replace(config.loader, test_snr_db=None)
+        val_loader = make_loader(clean, val_utts, modality, extractor, tokenizer, False)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     results = _describe(model_config, modality)
@@ -238,9 +221,16 @@ def run(
         rows = decode(accelerator, model, test_loader, f"decode untrained {modality}", skipped=skipped, **beams)
         results["untrained"] = score(rows)
         log(f"[{modality}] untrained WER {results['untrained']['wer']:.1f}%")
-    results["training"] = train(config.train, accelerator, model, train_loader, run_dir, modality, log, skipped)
+    results["training"] = train(
+        config.train, accelerator, model, train_loader, run_dir, modality, log, skipped, val_loader
+    )
+    if config.train.average_last:
+        used = load_average_of_last(accelerator.unwrap_model(model), run_dir, config.train.average_last)
+        results["training"]["averaged"] = [p.name for p in used]
+        log(f"[{modality}] final weights: the average of {', '.join(p.name for p in used)}")
     rows = decode(accelerator, model, test_loader, f"decode {modality}", skipped=skipped, **beams)
     _finish(results, rows, skipped, accelerator, run_dir, modality, log)
+    _controls(results, config, accelerator, model, test_loader, train_utts, rows, skipped, log)
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), run_dir / "final", model_config, modality)
         history = results["training"].pop("history")
@@ -262,16 +252,38 @@ def evaluate_final(
     model, extractor = build_model(model_config, modality)
     load_final(model, config.resume_from)
     model.to(accelerator.device)
-    test_loader = make_loader(config.loader, splits["test"], modality, extractor, model.tokenizer, False)
+    test_loader = make_loader(
+        config.loader, splits["test"], modality, extractor, model.tokenizer, False, babble_from=splits["train"]
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     results = {**_describe(model_config, modality), "resumed_from": str(config.resume_from)}
     skipped = dict(test_loader.dataset.bad)
     beams = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     rows = decode(accelerator, model, test_loader, f"decode {modality}", skipped=skipped, **beams)
     _finish(results, rows, skipped, accelerator, run_dir, modality, log)
+    _controls(results, config, accelerator, model, test_loader, splits["train"], rows, skipped, log)
     if accelerator.is_main_process:
         _write_results(results, rows, run_dir)
     return results
+
+
+def split_validation(train: list[Utterance], n: int) -> tuple[list[Utterance], list[Utterance]]:
+    """The training utterances without the last ``n``, and those ``n`` (held out for the validation loss)."""
+    if n >= len(train):
+        raise ValueError(f"--val_utts {n} would leave no training utterance (the split has {len(train)})")
+    return (train[:-n], train[-n:]) if n else (train, [])
+
+
+def _controls(results, config: RunConfig, accelerator, model, test_loader, train_utts, rows, skipped, log) -> None:
+    """The chance level of the test set and, with ``--swap_controls``, the WERs with swapped streams."""
+    modality = results["modality"]
+    results["chance"] = chance_baseline([u.text for u in train_utts], [r["ref"] for r in rows])
+    log(f"[{modality}] chance WER {results['chance']['wer']:.2f}% (a constant transcript from the training split)")
+    if config.swap_controls:
+        beams = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+        swaps = swap_controls(accelerator, model, test_loader, modality, config.swap_seed, skipped, **beams)
+        results.update(swaps)
+        log(f"[{modality}] swap controls: " + ", ".join(f"{k} {v:.2f}%" for k, v in swaps.items()))
 
 
 def _describe(model_config: ModelConfig, modality: str) -> dict:
@@ -309,14 +321,20 @@ def _write_results(results: dict, rows: list[dict], run_dir: Path) -> None:
 def results_table(results: list[dict]) -> str:
     """A markdown table of runs' results."""
     lines = [
-        "| modality | audio rate | video rate | decor λ | WER % | CER % | untrained WER % | steps | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| modality | audio rate | video rate | decor λ | WER % | CER % | chance WER % | WER swapped video % "
+        "| WER swapped audio % | untrained WER % | steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r.get("training", {"steps": "–", "train_seconds": "–"})  # --eval_only: no training
         lines.append(
             f"| {r['modality']} | {r['audio_rate'] or '–'} | {r['video_rate'] or '–'} | {r['decor_weight']} | "
-            f"{r['test']['wer']:.2f} | {r['test']['cer']:.2f} | "
+            f"{r['test']['wer']:.2f} | {r['test']['cer']:.2f} | {_cell(r.get('chance', {}).get('wer'))} | "
+            f"{_cell(r.get('wer_swap_video'))} | {_cell(r.get('wer_swap_audio'))} | "
             f"{r.get('untrained', {}).get('wer', float('nan')):.2f} | {t['steps']} | {t['train_seconds']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"

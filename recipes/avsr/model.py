@@ -301,7 +301,7 @@ class AVSRModel(nn.Module):
         if cache is None:
             with torch.no_grad():
                 return run(list(range(len(lengths))))
-        store, uids = cache[name], batch["uids"]
+        store, uids = cache[name], batch.get(f"{name}_uids", batch["uids"])  # a swapped stream: the donors' uids
         missing = [i for i, uid in enumerate(uids) if uid not in store]
         if missing:
             with torch.no_grad():

@@ -2,6 +2,7 @@
 
     accelerate launch -m recipes.avsr                       # embedded default: offline corpus, asr + vsr + avsr
     accelerate launch -m recipes.avsr --experiment sinks    # the sink paper's experiment in miniature
+    accelerate launch -m recipes.avsr --seeds 0 1 2 --swap_controls   # mean +- std over seeds, with swap controls
     accelerate launch -m recipes.avsr --modality avsr --data_dir /data/lrs3 --llm meta-llama/Llama-3.2-1B \\
         --audio_encoder openai/whisper-medium --video_encoder path/to/lip_encoder --audio_rate 4 --video_rate 2 \\
         --decor_weight 0.1 --output_dir runs/avsr
@@ -9,15 +10,18 @@
 Without ``--data_dir`` the recipe synthesises a small GRID-like corpus (espeak-ng speech + phoneme-timed mouth
 video, written in the auto_avsr LRS3 layout), builds small stand-ins for the pretrained checkpoints (Whisper and lip
 encoders trained with word-level CTC, a Llama trained as a language model, all on the training split only), then
-trains projectors + LoRA and decodes every modality. Each run writes ``results.json`` / ``results.md``, the decoded
-transcripts, and the adapter + projector weights (safetensors).
+trains projectors + LoRA and decodes every modality. Each run writes ``results.json`` / ``results.md`` (with the chance
+level of the test set: :mod:`recipes.avsr.controls`), the decoded transcripts, and the adapter + projector weights
+(safetensors).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from .config import RunConfig, parse_args, resolve_config
+from .controls import seed_summary, seed_table
 from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from .loop import Log, evaluate_final, make_accelerator, results_table, run
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if config.eval_only:
         results = [evaluate_final(config, accelerator, splits, out / "eval", log)]
+    elif config.seeds:
+        return run_seeds(config, accelerator, splits, log)
     else:
         results = [run(config, accelerator, splits, m, out / m, log)[0] for m in config.modalities]
     table = results_table(results)
@@ -49,6 +55,26 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     log("\n" + table)
     return {r["modality"]: r for r in results}
+
+
+def run_seeds(config: RunConfig, accelerator, splits: dict[str, list[Utterance]], log: Log) -> dict:
+    """``--seeds``: every modality once per seed in ``output_dir/seed_<S>/<modality>``, on the same corpus and
+    stand-ins (those of ``--seed``); writes ``results.json`` (``{"runs": per-seed rows, "summary": mean/std}``) and
+    ``results.md`` (mean ± std). Returns ``{modality: summary}``."""
+    runs = []
+    for seed in config.seeds:
+        seeded = dataclasses.replace(config, seed=seed)
+        for m in config.modalities:
+            result = run(seeded, accelerator, splits, m, config.output_dir / f"seed_{seed}" / m, log)[0]
+            runs.append({"seed": seed, **result})
+    summary = seed_summary(runs)
+    table = seed_table(summary)
+    if accelerator.is_main_process:
+        (config.output_dir / "results.md").write_text(table)
+        results = {"seeds": list(config.seeds), "data_seed": config.seed, "runs": runs, "summary": summary}
+        (config.output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    log("\n" + table)
+    return summary
 
 
 def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utterance]]:
@@ -75,10 +101,10 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
     )
     if config.embedded:
         if accelerator.is_main_process:
-            build_stand_ins(
+            build_stand_ins(  # on clean inputs: the stand-ins do not depend on the run's augmentation
                 config.output_dir,
                 splits["train"],
-                config.loader,
+                dataclasses.replace(config.loader, train_snr_range=None, time_mask=False),
                 config.encoder_pretrain_steps,
                 config.text_pretrain_steps,
                 config.seed,

@@ -57,6 +57,9 @@ class AVSRCollator:
         }
         if not good:
             return batch
+        for stream in ("audio", "video"):  # a swap control's batch: whose stream each row carries
+            if f"{stream}_uid" in good[0]:
+                batch[f"{stream}_uids"] = [it[f"{stream}_uid"] for it in good]
         if self.tokenizer is not None:
             batch["transcript_ids"] = tokenize_transcripts(self.tokenizer, batch["texts"])
         if "audio" in good[0]:

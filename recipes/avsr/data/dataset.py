@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset
 
+from .augment import AUDIO_MASK, VIDEO_MASK, Augmentation, BabbleBank, make_noise, mix_at_snr, time_mask
 from .lrs3 import Utterance
 from .media import AUDIO_RATE, SAMPLES_PER_FRAME, AVSRDataError, cut_or_pad, load_audio, load_video
 
@@ -77,6 +78,11 @@ class AVSRDataset(Dataset):
             feature extractor would silently drop the rest while the video and transcript stay whole).
         snr_db: add white noise at this signal-to-noise ratio to the audio (a noisy test set, Llama-AVSR's
             ``--decode-snr-target``); the noise of an utterance is fixed by its uid, so every decode hears the same.
+        noise_type: ``"white"`` or ``"babble"`` (the sum of several utterances of ``babble``) for ``snr_db``.
+        babble: the bank babble noise is drawn from (training utterances), for ``noise_type="babble"`` and for
+            ``augment.snr_range``.
+        augment: training augmentation (babble at a random SNR, time masking), drawn per utterance and epoch
+            (:meth:`set_epoch`); only when ``train``.
         preload: decode everything once now (fast epochs on small corpora; bad files are found up front). Decoded
             files are kept for the whole process, so later datasets over the same files (another modality, the test
             set again) do not decode them again.
@@ -91,6 +97,9 @@ class AVSRDataset(Dataset):
         preload: bool = False,
         max_audio_seconds: float | None = None,
         snr_db: float | None = None,
+        noise_type: str = "white",
+        babble: BabbleBank | None = None,
+        augment: Augmentation | None = None,
     ):
         if modality not in ("asr", "vsr", "avsr"):
             raise ValueError(f"modality must be 'asr', 'vsr' or 'avsr', got {modality!r}")
@@ -100,6 +109,13 @@ class AVSRDataset(Dataset):
         self.train = train
         self.max_audio_seconds = max_audio_seconds
         self.snr_db = snr_db
+        self.noise_type, self.babble = noise_type, babble
+        self.augment = augment if train and augment is not None and augment.active else None
+        wants_babble = (snr_db is not None and noise_type == "babble") or (self.augment and self.augment.snr_range)
+        if wants_babble and modality != "vsr" and babble is None:
+            raise ValueError("babble noise needs a bank of training utterances: pass babble=BabbleBank(...)")
+        self.epoch = 0
+        self.swap: tuple[str, list[int]] | None = None  # (stream, donor index per item): see __getitem__
         self.bad: dict[str, str] = {}  # uid -> reason, for the report
         self._cache: dict[int, dict | None] | None = None
         self._memo = _DECODED if preload else None
@@ -151,22 +167,59 @@ class AVSRDataset(Dataset):
             self._memo[key] = loader(path)
         return self._memo[key]
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the augmentation draws for (the training loop sets it before each epoch)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict | Skipped:
+        """The item; with ``swap = (stream, donors)`` its ``stream`` ("audio" or "video") is item ``donors[index]``'s,
+        and ``item[stream + "_uid"]`` names whose (encoder features are cached under it)."""
+        item = self._item(index)
+        if self.swap is None or isinstance(item, Skipped):
+            return item
+        stream, donors = self.swap
+        donor = self._item(donors[index])
+        if isinstance(donor, Skipped):
+            return Skipped(item["uid"], f"its {stream} donor {donor.uid} is unreadable: {donor.reason}")
+        return {**item, stream: donor[stream], f"{stream}_uid": donor["uid"]}
+
+    def _item(self, index: int) -> dict | Skipped:
         raw = self._cache[index] if self._cache is not None else self._decode(index)
         if raw is None:
             uid = self.utterances[index].uid
             return Skipped(uid, self.bad[uid])
         item = {k: v for k, v in raw.items() if k != "frames"}
+        rng = self.augment.rng(self.epoch, raw["uid"]) if self.augment is not None else None
         if "frames" in raw:
+            frames = raw["frames"]
+            if rng is not None and self.augment.time_mask:
+                frames = time_mask(frames, *VIDEO_MASK, rng)  # black frames, as before normalisation
             try:
-                item["video"] = self.video_transform(raw["frames"], train=self.train)
+                item["video"] = self.video_transform(frames, train=self.train)
             except AVSRDataError as err:
                 self.bad[raw["uid"]] = str(err)
                 logger.warning("skipping %s: %s", raw["uid"], err)
                 return Skipped(raw["uid"], str(err))
-        if "audio" in item and self.snr_db is not None:
-            item["audio"] = add_noise(item["audio"], self.snr_db, seed=zlib.crc32(item["uid"].encode()))
+        if "audio" in item:
+            item["audio"] = self._noisy(item["audio"], item["uid"], rng)
         return item
+
+    def _noisy(self, wave: np.ndarray, uid: str, rng: np.random.Generator | None) -> np.ndarray:
+        if self.snr_db is not None and self.noise_type == "white":
+            return add_noise(wave, self.snr_db, seed=zlib.crc32(uid.encode()))
+        if self.snr_db is not None:
+            noise = make_noise(
+                self.noise_type, len(wave), np.random.default_rng(zlib.crc32(uid.encode())), self.babble, uid
+            )
+            return mix_at_snr(wave, noise, self.snr_db)
+        if rng is None:
+            return wave
+        if self.augment.snr_range is not None:
+            low, high = self.augment.snr_range
+            wave = mix_at_snr(wave, self.babble.noise(len(wave), rng, exclude=uid), float(rng.uniform(low, high)))
+        if self.augment.time_mask:
+            wave = time_mask(wave, *AUDIO_MASK, rng)
+        return wave
 
 
 def add_noise(wave: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:

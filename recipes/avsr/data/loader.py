@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .augment import Augmentation, BabbleBank
 from .collate import AVSRCollator
 from .dataset import AVSRDataset, VideoTransform
 from .lrs3 import Utterance, check_files
-from .media import AVSRDataError
+from .media import AVSRDataError, load_audio
 
 
 class LengthBucketSampler(Sampler[list[int]]):
@@ -90,6 +91,10 @@ class LoaderConfig:
         eval_batch_size: utterances per test batch at most.
         num_workers: DataLoader worker processes.
         test_snr_db: white noise at this SNR (dB) added to the test audio (None: clean).
+        test_noise: ``"white"`` or ``"babble"`` (several training utterances summed) for ``test_snr_db``.
+        train_snr_range: babble noise at a random SNR in this range (dB) on the training audio, drawn per
+            utterance and epoch (None: off).
+        time_mask: Llama-AVSR's time masking of the training audio and video (off by default).
     """
 
     crop_size: int | None = 88
@@ -102,6 +107,9 @@ class LoaderConfig:
     eval_batch_size: int = 16
     num_workers: int = 0
     test_snr_db: float | None = None
+    test_noise: str = "white"
+    train_snr_range: tuple[float, float] | None = None
+    time_mask: bool = False
 
     def frame_budget(self, modality: str) -> int | None:
         """The frame budget of a training batch for ``modality`` (None: no budget but ``max_batch_size``)."""
@@ -122,12 +130,14 @@ def make_loader(
     tokenizer=None,
     train: bool = False,
     seed: int = 0,
+    babble_from: list[Utterance] | None = None,
 ) -> DataLoader:
     """A DataLoader over ``utterances`` with length-bucketed batches (``loader.dataset`` counts the skipped files).
 
     Utterances whose files are missing are dropped with a warning and counted in ``loader.dataset.bad``; when none
     is left, an :class:`AVSRDataError` names the missing files. Audio longer than the feature extractor's window
-    (30 s for Whisper) is skipped and counted, never cut.
+    (30 s for Whisper) is skipped and counted, never cut. ``babble_from`` (the training split) is where babble
+    noise comes from, when the configuration asks for it.
     """
     n_given = len(utterances)
     utterances, problems = check_files(utterances, modality)
@@ -144,6 +154,15 @@ def make_loader(
     window = None
     if feature_extractor is not None and modality in ("asr", "avsr"):
         window = feature_extractor.n_samples / feature_extractor.sampling_rate
+    augment = Augmentation(config.train_snr_range, config.time_mask, seed) if train else None
+    needs_babble = (augment is not None and augment.snr_range is not None) or (
+        not train and config.test_snr_db is not None and config.test_noise == "babble"
+    )
+    babble = None
+    if needs_babble and modality != "vsr":
+        if not babble_from:
+            raise ValueError("babble noise needs the training utterances: pass make_loader(..., babble_from=...)")
+        babble = BabbleBank.from_utterances(check_files(babble_from, "asr")[0], load_audio)
     dataset = AVSRDataset(
         utterances,
         modality,
@@ -152,6 +171,9 @@ def make_loader(
         preload=config.preload,
         max_audio_seconds=window,
         snr_db=None if train else config.test_snr_db,
+        noise_type=config.test_noise,
+        babble=babble,
+        augment=augment,
     )
     dataset.bad.update({m.split(":")[0]: m for m in problems})
     lengths = dataset.lengths

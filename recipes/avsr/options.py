@@ -1,0 +1,105 @@
+"""The recipe's options for controls, seeds, noise, augmentation, validation and checkpoint averaging.
+
+All are off by default: without them a run is the same as before they existed (same batches, same WERs).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .data.augment import NOISE_TYPES
+
+
+def add_control_options(p: argparse.ArgumentParser) -> None:
+    """Add the option group to the recipe's parser (:func:`recipes.avsr.config.parse_args`)."""
+    g = p.add_argument_group("controls, seeds, noise and augmentation (all off by default)")
+    g.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="train and decode every modality once per seed (output_dir/seed_<S>/<modality>) and report mean +- "
+        "std; a seed changes the projector/LoRA/new-token initialisation, dropout and the batch order, while the "
+        "corpus and the stand-in models stay those of --seed",
+    )
+    g.add_argument(
+        "--swap_controls",
+        action="store_true",
+        help="also decode with the video (wer_swap_video) and/or audio (wer_swap_audio) of every test utterance "
+        "replaced by another's (a fixed derangement): shows whether each stream is used",
+    )
+    g.add_argument("--swap_seed", type=int, default=0, help="seed of the swap controls' derangement")
+    g.add_argument(
+        "--decode_noise",
+        choices=NOISE_TYPES,
+        default="white",
+        help="the noise of --decode_snr_target: white, or babble (4 training utterances summed)",
+    )
+    g.add_argument(
+        "--train_snr_range",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="babble noise on the training audio at an SNR (dB) drawn per utterance and epoch (Llama-AVSR: -5 20)",
+    )
+    g.add_argument(
+        "--time_mask",
+        action="store_true",
+        help="Llama-AVSR's time masking in training: up to 0.4 s of audio per second, up to 10 of every 25 frames",
+    )
+    g.add_argument(
+        "--val_utts",
+        type=int,
+        default=0,
+        help="hold out the last N training utterances and log their loss after every epoch (train_log.json)",
+    )
+    g.add_argument(
+        "--average_last",
+        type=int,
+        default=0,
+        help="at the end of training, average the weights of the last N checkpoints (--save_every) into final/",
+    )
+
+
+def check_control_options(args: argparse.Namespace, cache_features: bool) -> None:
+    """Raise early on combinations that cannot work (``cache_features``: the resolved choice)."""
+    if (args.train_snr_range or args.time_mask) and cache_features:
+        raise ValueError(
+            "--train_snr_range / --time_mask change the encoders' inputs every epoch, which --cache_features would "
+            "hide: pass --no-cache_features"
+        )
+    if args.train_snr_range and args.train_snr_range[0] > args.train_snr_range[1]:
+        raise ValueError(f"--train_snr_range LOW HIGH needs LOW <= HIGH, got {args.train_snr_range}")
+    if args.decode_noise == "babble" and args.decode_snr_target is None:
+        raise ValueError("--decode_noise babble needs --decode_snr_target <dB>")
+    if args.average_last and not args.save_every:
+        raise ValueError("--average_last N averages saved checkpoints: pass --save_every as well")
+    if args.average_last and args.checkpoints_total_limit and args.checkpoints_total_limit < args.average_last:
+        raise ValueError(
+            f"--average_last {args.average_last} needs at least that many checkpoints kept "
+            f"(--checkpoints_total_limit {args.checkpoints_total_limit})"
+        )
+    if args.average_last < 0 or args.val_utts < 0:
+        raise ValueError("--average_last and --val_utts take a count >= 0")
+    if args.seeds and (args.experiment == "sinks" or args.eval_only):
+        raise ValueError("--seeds repeats training runs; it does not apply to --experiment sinks or --eval_only")
+    if args.seeds and args.resume not in (None, "latest"):
+        raise ValueError(f"--resume {args.resume} is one run's checkpoint; with --seeds pass --resume latest")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds has repeated values: {args.seeds}")
+
+
+def check_checkpoints_given(args: argparse.Namespace) -> None:
+    """With ``--data_dir`` there are no embedded models: the checkpoints must be named."""
+    needed = {"--llm": args.llm}
+    if {"asr", "avsr"} & set(args.modality):
+        needed["--audio_encoder"] = args.audio_encoder
+    if {"vsr", "avsr"} & set(args.modality):
+        needed["--video_encoder"] = args.video_encoder
+    missing = [flag for flag, value in needed.items() if not value]
+    if missing:
+        raise SystemExit(
+            f"with --data_dir, pass {', '.join(missing)} (the embedded models exist only for the "
+            "embedded corpus; e.g. --llm meta-llama/Llama-3.2-1B --audio_encoder openai/whisper-medium)"
+        )
