@@ -11,6 +11,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .paired import last_checkpoint_share, markdown_paired, paired_differences
+
 
 def _mean_std(values: list[float]) -> dict:
     arr = np.asarray(values, dtype=float) * 100
@@ -82,8 +84,11 @@ def markdown_table(table: dict) -> str:
 
 
 def write_report(output_dir: str, results: list[dict], domains: list[str], methods: list[str], protocol: dict) -> dict:
-    """Writes results.json, results.md, curves.png and chart.png; returns the table."""
-    table = aggregate(results, domains, methods) | {"protocol": protocol}
+    """Writes results.json, results.md, curves.png and chart.png; returns the table (with the paired differences of
+    GNN-MoE against every other method and, per method, how many runs selected their last checkpoint)."""
+    paired = paired_differences(results, methods)
+    last = last_checkpoint_share(results, protocol.get("steps"))
+    table = aggregate(results, domains, methods) | {"paired": paired, "last_checkpoint": last, "protocol": protocol}
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(table, f, indent=2)
     note = (
@@ -94,6 +99,11 @@ def write_report(output_dir: str, results: list[dict], domains: list[str], metho
     )
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write(f"# {protocol.get('dataset')}\n\n{note}{markdown_table(table)}\n")
+        if paired:
+            f.write("\nPaired differences over the (held-out domain, trial) runs, test accuracy:\n\n")
+            f.write(markdown_paired(paired) + "\n")
+        f.write("\nRuns that selected their last checkpoint: ")
+        f.write(", ".join(f"{m} {k}/{n}" for m, (k, n) in last.items()) + "\n")
     plot_curves(os.path.join(output_dir, "curves.png"), results, domains, methods)
     plot_chart(os.path.join(output_dir, "chart.png"), table)
     return table
