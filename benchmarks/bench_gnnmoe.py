@@ -19,6 +19,7 @@ resident set size (``VmHWM``, reset just before the first step) minus the reside
     PYTHONPATH=. python benchmarks/bench_gnnmoe.py             # everything (several minutes on 2 cores)
     python benchmarks/bench_gnnmoe.py --quick                  # smoke run: 1 block, tiny batches, 2 repeats
     python benchmarks/bench_gnnmoe.py --device cuda --dtype bf16
+    PYTHONPATH=. python benchmarks/bench_gnnmoe.py --settings tiny --compile   # torch.compile(model), every variant
 
 ``PYTHONPATH=.`` makes the script import this checkout's ``peft_gnnmoe``. Writes
 benchmarks/results/gnnmoe_bench.json (or ``--output``) and prints a Markdown table per setting.
@@ -108,7 +109,7 @@ def peft_config(variant: str, s: dict):
 class Variant:
     """One adapted model with its optimizer and a fixed batch; ``train_step()`` and ``infer()`` are what we time."""
 
-    def __init__(self, name: str, s: dict, device: str, dtype: torch.dtype) -> None:
+    def __init__(self, name: str, s: dict, device: str, dtype: torch.dtype, compile: bool = False) -> None:
         from peft import get_peft_model
 
         import peft_gnnmoe  # noqa: F401  (registers the tuner)
@@ -125,17 +126,19 @@ class Variant:
         self.pixels = torch.randn(s["batch"], 3, s["image"], s["image"], generator=generator).to(device, dtype)
         self.labels = torch.randint(0, 10, (s["batch"],), generator=generator).to(device)
         self.device = device
+        # --compile: the warm-up call compiles (train and eval mode each once); the timed calls reuse the graphs
+        self.forward = torch.compile(self.model) if compile else self.model
 
     def train_step(self) -> None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model(pixel_values=self.pixels, labels=self.labels).loss.backward()
+        self.forward(pixel_values=self.pixels, labels=self.labels).loss.backward()
         self.optimizer.step()
 
     def infer(self) -> None:
         self.model.eval()
         with torch.inference_mode():
-            self.model(pixel_values=self.pixels)
+            self.forward(pixel_values=self.pixels)
 
 
 def _sync(device: str) -> None:
@@ -160,9 +163,9 @@ def _peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype) -> dict:
+def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype, compile: bool = False) -> dict:
     """In a fresh process: the memory one training step adds (warm-up + one step), in MB."""
-    v = Variant(name, s, device, dtype)
+    v = Variant(name, s, device, dtype, compile)
     if device.startswith("cuda"):
         _sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -183,8 +186,9 @@ def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype) -> d
 def time_round_robin(models: list[Variant], what: str, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of ``what`` per variant, variants interleaved, the order rotated every repeat."""
     times: dict[str, list[float]] = {m.name: [] for m in models}
-    for m in models:  # warm-up
-        getattr(m, what)()
+    for m in models:  # warm-up; compiled models recompile once after the first call (e.g. config.problem_type set)
+        for _ in range(3 if m.forward is not m.model else 1):
+            getattr(m, what)()
     for rep in range(repeats):
         for m in models[rep % len(models) :] + models[: rep % len(models)]:
             _sync(device)
@@ -203,9 +207,10 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
         for v in names:
             cmd = [sys.executable, __file__, "--worker", name, v, "--device", args.device, "--dtype", args.dtype]
             cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            cmd += ["--compile"] if args.compile else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             memory[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
-    models = [Variant(v, s, args.device, dtype) for v in names]
+    models = [Variant(v, s, args.device, dtype, args.compile) for v in names]
     train = time_round_robin(models, "train_step", args.repeats, args.device)
     infer = time_round_robin(models, "infer", args.repeats, args.device)
     rows = []
@@ -253,6 +258,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 block, batch 2, 2 repeats")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="peak memory pass")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(model) (inductor)")
     parser.add_argument("--output", type=Path, default=RESULTS / "gnnmoe_bench.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -260,7 +266,7 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.worker:
         name, variant = args.worker
-        print(json.dumps(peak_memory_worker(variant, setting(name, args.quick), args.device, dtype)))
+        print(json.dumps(peak_memory_worker(variant, setting(name, args.quick), args.device, dtype, args.compile)))
         return
     args.routers = args.routers or list(routers())
     args.repeats = args.repeats or (2 if args.quick else 7)
@@ -268,7 +274,7 @@ def main() -> None:
     load_start = os.getloadavg()
     print(
         f"load average at start: {load_start}; torch {torch.__version__}, {args.device}, {args.dtype}, "
-        f"{args.threads} thread(s)",
+        f"{args.threads} thread(s){', torch.compile' if args.compile else ''}",
         flush=True,
     )
     rows = []

@@ -36,3 +36,13 @@ def test_memory_worker_reports_the_peak_a_training_step_adds():
     report = json.loads(stdout.strip().splitlines()[-1])
     assert report["variant"] == "gnnmoe-gcn"
     assert report["peak_extra_mb"] > 0
+
+
+def test_quick_run_in_bfloat16_on_cpu(tmp_path):
+    output = tmp_path / "bench.json"
+    args = ["--quick", "--settings", "tiny", "--routers", "gcn", "--repeats", "1", "--no-memory", "--dtype", "bf16"]
+    stdout = _run(*args, "--output", str(output))
+    result = json.loads(output.read_text())
+    assert result["config"]["dtype"] == "bf16"
+    assert result["rows"][1]["train_step_s"] > 0
+    assert "bf16" in stdout

@@ -12,7 +12,9 @@ the token as ``X = x.view(n, p)`` (row-major), ``(A ⊗ B)`` acts as ``x (A ⊗ 
 which costs O(E r n (in + out + n²)) per token and never forms ``H_e`` (``E * in * out`` numbers) in forward or
 backward. The routing weights are folded in before the last contraction, so the experts' outputs are never
 materialised one by one either. On narrow layers the rules are folded into the left factors first (a weight-only
-tensor), trading ``n`` times the first matmul's multiply-adds for fewer kernels; see ``kron_moe_forward``.
+tensor), trading ``n`` times the first matmul's multiply-adds for fewer kernels; on the narrowest (the embedded
+64-wide backbone) the ``H_e`` themselves are cheaper than the factored order: the tokens, scaled by their gates, meet
+all experts in one matmul (``kron_moe_forward_dense``). See ``kron_moe_forward`` for the choice.
 
 Parameter shapes: ``rules`` (n, n, n) as [k, a, c]; ``left`` (E, n, p, r) as [e, k, b, r]; ``right`` (E, n, r, q) as
 [e, k, r, d]; ``bias`` (E, out_features), optional.
@@ -56,6 +58,25 @@ def init_kron_experts(
 # Fold the rules into the left factors (one weight-only tensor of in_features * E * n * n * r numbers) when it is
 # at most this big: on narrow layers the saved kernel launches and copies outweigh the extra multiply-adds.
 FOLD_MAX_NUMEL = 2**16
+# Form the dense expert weights (E * in_features * out_features numbers) when they are at most this big and cost no
+# more multiply-adds per token than the folded order.
+DENSE_MAX_NUMEL = 2**16
+
+
+def kron_path(in_features: int, out_features: int, num_experts: int, factor: int, rank: int) -> str:
+    """The contraction order ``kron_moe_forward`` takes for a layer: ``"dense"``, ``"folded"`` or ``"blocked"``.
+
+    Per token, the dense order costs ``E in out`` multiply-adds, the folded one ``E n r (n in + out)``, the blocked one
+    ``E n r (in + out + n²)`` in more, smaller kernels. Dense and folded are taken on narrow layers only (their
+    weight-only tensors stay below ``DENSE_MAX_NUMEL`` / ``FOLD_MAX_NUMEL`` numbers).
+    """
+    dense_macs = in_features * out_features
+    folded_macs = factor * rank * (factor * in_features + out_features)
+    if num_experts * in_features * out_features <= DENSE_MAX_NUMEL and dense_macs <= folded_macs:
+        return "dense"
+    if in_features * num_experts * factor * factor * rank <= FOLD_MAX_NUMEL:
+        return "folded"
+    return "blocked"
 
 
 def kron_moe_forward(
@@ -65,23 +86,62 @@ def kron_moe_forward(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
+    gated: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mixture of Kronecker experts, ``sum_e gates[..., e] * (x H_e + bias_e)``, without forming any ``H_e``.
+    """Mixture of Kronecker experts, ``sum_e gates[..., e] * (x H_e + bias_e)``.
 
     Args:
         x: tokens, shape (..., in_features).
         gates: routing weights, shape (..., E) (zero for unselected experts).
         rules, left, right, bias: expert parameters (see module docstring); ``bias`` may be None.
+        gated: ``gate_tokens(x, gates)`` when the caller has it already (layers that share the input and the routing,
+            e.g. q / k / v, share it); used by the dense order only.
 
     Returns:
         Tensor of shape (..., out_features).
 
-    Two contraction orders give the same result (tests pin both); the smaller layers take the folded one.
+    Three contraction orders give the same result (tests pin each); ``kron_path`` picks one from the layer's shape.
     """
     num_experts, n, p, r = left.shape
-    if n * p * num_experts * n * n * r <= FOLD_MAX_NUMEL:
+    path = kron_path(n * p, n * right.shape[-1], num_experts, n, r)
+    if path == "dense":
+        return kron_moe_forward_dense(x, gates, rules, left, right, bias, gated)
+    if path == "folded":
         return kron_moe_forward_folded(x, gates, rules, left, right, bias)
     return kron_moe_forward_blocked(x, gates, rules, left, right, bias)
+
+
+def gate_tokens(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """(T, E * in_features): row ``t`` holds ``[g_t1 x_t, ..., g_tE x_t]``, the input of the dense order's matmul."""
+    num_experts = gates.shape[-1]
+    g = gates.reshape(-1, num_experts, 1).to(x.dtype)
+    return (g * x.reshape(-1, 1, x.shape[-1])).view(-1, num_experts * x.shape[-1])
+
+
+def kron_moe_forward_dense(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    rules: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    bias: torch.Tensor | None,
+    gated: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``kron_moe_forward`` through the dense expert weights: one matmul of the gated tokens with all ``H_e``.
+
+    ``H[e, (a, b), (c, d)] = sum_k S_k[a, c] (L_{e,k} R_{e,k})[b, d]`` is built once per call (weight-only, no token
+    dimension); then ``y = [g_1 x, ..., g_E x] [H_1; ...; H_E]``, the sum over the experts inside the matmul.
+    """
+    num_experts, n, p, _ = left.shape
+    q = right.shape[-1]
+    lead = x.shape[:-1]
+    weights = torch.einsum("kac,ekbd->eabcd", rules, left @ right).reshape(num_experts * n * p, n * q)
+    if gated is None:
+        gated = gate_tokens(x, gates)
+    y = gated @ weights
+    if bias is not None:
+        y = torch.addmm(y, gates.reshape(-1, num_experts).to(x.dtype), bias)
+    return y.reshape(*lead, n * q)
 
 
 def kron_moe_forward_folded(

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import GNNMoEConfig
-from .kronecker import init_kron_experts, kron_moe_forward
+from .kronecker import gate_tokens, init_kron_experts, kron_moe_forward, kron_path
 from .router import GraphRouter
 
 _MERGE_ERROR = (
@@ -160,15 +160,23 @@ class Linear(nn.Module, GNNMoELayer):
     def _delta(self, adapter: str, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The experts' update of ``adapter`` for ``tokens`` (or only its ``rows``), routed by its router."""
         left = self.gnnmoe_left[adapter]
-        routing = self.gnnmoe_router_ref[adapter](tokens, rows)
+        router = self.gnnmoe_router_ref[adapter]
+        routing = router(tokens, rows)
         selected = tokens if rows is None else tokens[rows]
+        x = self.gnnmoe_dropout[adapter](selected.to(left.dtype))
+        gated = None
+        num_experts, factor, _, rank = left.shape
+        if kron_path(self.in_features, self.out_features, num_experts, factor, rank) == "dense":
+            # the gated tokens depend on the input and the routing only: q, k and v compute them once
+            gated = router.shared(routing, x, lambda: gate_tokens(x, routing.gates))
         return kron_moe_forward(
-            self.gnnmoe_dropout[adapter](selected.to(left.dtype)),
+            x,
             routing.gates,
             self.gnnmoe_rules[adapter],
             left,
             self.gnnmoe_right[adapter],
             self.gnnmoe_bias[adapter] if adapter in self.gnnmoe_bias else None,
+            gated,
         )
 
     def _mixed_batch_forward(

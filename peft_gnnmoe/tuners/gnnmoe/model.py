@@ -182,20 +182,46 @@ class GNNMoEModel(BaseTuner):
 
     # --- routers and auxiliary loss -------------------------------------------------------------------------------
 
+    def inject_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self._invalidate_router_cache()
+        try:
+            super().inject_adapter(*args, **kwargs)
+        finally:
+            self._invalidate_router_cache()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._invalidate_router_cache()
+
+    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
+        super().set_adapter(*args, **kwargs)
+        self._invalidate_router_cache()
+
+    def _invalidate_router_cache(self) -> None:
+        """Forget the cached router lists (the model's GNN-MoE layers or their adapters changed)."""
+        self.__dict__["_router_cache"] = {}
+
     def _routers(self, adapters: list[str]) -> dict[str, GraphRouter]:
-        routers = {}
-        several = len(adapters) > 1
-        for name, module in self.model.named_modules():
-            if not isinstance(module, GNNMoELayer):
-                continue
-            for adapter in adapters:
-                if module.owns_router(adapter):
-                    routers[f"{name}/{adapter}" if several else name] = module.gnnmoe_router[adapter]
-        return routers
+        """The routers owned by ``adapters``, keyed by layer name; cached (the model hooks ask several times per
+        forward pass, and walking ``named_modules()`` costs more than a small router), rebuilt after
+        add / delete / set_adapter and unload."""
+        cache = self.__dict__.setdefault("_router_cache", {})
+        key = tuple(adapters)
+        if key not in cache:
+            routers = {}
+            several = len(adapters) > 1
+            for name, module in self.model.named_modules():
+                if not isinstance(module, GNNMoELayer):
+                    continue
+                for adapter in adapters:
+                    if module.owns_router(adapter):
+                        routers[f"{name}/{adapter}" if several else name] = module.gnnmoe_router[adapter]
+            cache[key] = routers
+        return cache[key]
 
     def active_routers(self) -> dict[str, GraphRouter]:
         """Routers of the active adapter(s), keyed by the owning layer's name (plus ``/adapter`` when several)."""
-        return self._routers(list(self.active_adapters))
+        return dict(self._routers(list(self.active_adapters)))
 
     def _forward_routers(self) -> list[GraphRouter]:
         """The routers that route this forward pass: the active adapters', or those named in ``adapter_names``."""
@@ -297,6 +323,7 @@ class GNNMoEModel(BaseTuner):
         for handle in getattr(self, "_gnnmoe_hooks", []):
             handle.remove()
         self._gnnmoe_hooks = []
+        self._invalidate_router_cache()
         return model
 
     @classmethod

@@ -8,6 +8,7 @@ without message passing (MoA / GMoE): the same depth and width with ``nn.Linear`
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,15 @@ class LayoutSpec:
     grid_hint: tuple[int, int] | None = None
     explicit_grid: bool = False  # the hint is GNNMoEConfig.patch_grid: a mismatch is an error
     square_fallback: bool = True  # False when the patches are in no spatial order (ViT-MAE)
+
+
+def _version(tokens: torch.Tensor) -> int | None:
+    """The in-place version counter of ``tokens``, None where it cannot be read. Inference tensors have none (they
+    cannot be changed in place outside inference mode); under torch.compile reading it breaks the graph (the traced
+    code changes no layer input in place)."""
+    if torch.compiler.is_compiling() or tokens.is_inference():
+        return None
+    return tokens._version
 
 
 def _make_conv(kind: str, in_features: int, out_features: int, heads: int) -> nn.Module:
@@ -136,6 +146,7 @@ class GraphRouter(nn.Module):
         self.routings: list[Routing] = []  # every routing of the current (or last) forward pass
         self.token_mask: torch.Tensor | None = None
         self._cache: tuple | None = None
+        self._shared: list[tuple] = []  # (routing, input, version, value) of ``shared``
         self.register_load_state_dict_pre_hook(_upgrade_old_router_keys)
 
     @property
@@ -146,13 +157,12 @@ class GraphRouter(nn.Module):
     def forward(self, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> Routing:
         """Route ``tokens`` (B, S, D), or only the samples ``rows`` of them (mixed-adapter batches); returns the cached
         routing when called again with the same tensor and rows."""
-        # inference tensors have no version counter; they cannot be changed in place outside inference mode. Under
-        # torch.compile neither can be read (graph breaks): the traced code changes no layer input in place.
-        if torch.compiler.is_compiling() or tokens.is_inference():
-            version = None
-        else:
-            version = tokens._version
-        key = (version, self.training, torch.is_grad_enabled(), None if rows is None else tuple(rows.tolist()))
+        key = (
+            _version(tokens),
+            self.training,
+            torch.is_grad_enabled(),
+            None if rows is None else tuple(rows.tolist()),
+        )
         if self._cache is not None and self._cache[0] is tokens and self._cache[1] == key:
             return self._cache[2]
         routing = self._route(tokens, rows)
@@ -160,15 +170,29 @@ class GraphRouter(nn.Module):
         self.routings.append(routing)
         return routing
 
+    def shared(self, routing: Routing, tokens: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()``, computed once per ``routing`` of this router and input ``tokens`` within a forward pass: the
+        layers that share the router and the input (q / k / v) share the result (e.g. their gated input)."""
+        version = _version(tokens)
+        for seen_routing, seen_tokens, seen_version, value in self._shared:
+            if seen_routing is routing and seen_tokens is tokens and seen_version == version:
+                return value
+        value = build()
+        self._shared.append((routing, tokens, version, value))
+        return value
+
     def start_forward(self, token_mask: torch.Tensor | None = None) -> None:
         """Forget the previous forward pass; ``token_mask`` (B, S) marks the real tokens of this one."""
         self._cache = None
+        self._shared = []
         self.routings = []
         self.token_mask = token_mask
 
     def end_forward(self) -> None:
-        """Drop the input kept for reuse and the token mask; the routings stay for statistics and the loss."""
+        """Drop the input kept for reuse, the shared tensors and the token mask; the routings stay for statistics
+        and the loss."""
         self._cache = None
+        self._shared = []
         self.token_mask = None
 
     def clear(self) -> None:

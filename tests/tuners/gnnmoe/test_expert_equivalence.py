@@ -9,10 +9,17 @@ from peft_gnnmoe.tuners.gnnmoe.kronecker import (
     kron_expert_weights,
     kron_moe_forward,
     kron_moe_forward_blocked,
+    kron_moe_forward_dense,
     kron_moe_forward_folded,
+    kron_path,
 )
 
-PATHS = {"dispatch": kron_moe_forward, "folded": kron_moe_forward_folded, "blocked": kron_moe_forward_blocked}
+PATHS = {
+    "dispatch": kron_moe_forward,
+    "dense": kron_moe_forward_dense,
+    "folded": kron_moe_forward_folded,
+    "blocked": kron_moe_forward_blocked,
+}
 # in, out, E, n, r: square and non-square, n = 1, one expert, rank 1, wide enough to take the blocked path
 SHAPES = [
     (8, 8, 1, 2, 1),
@@ -71,7 +78,7 @@ def test_gradients_match_reference(path, shape, wrt):
     torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["folded", "blocked"])
+@pytest.mark.parametrize("path", ["dense", "folded", "blocked"])
 def test_path_matches_dense_torch_kron_weights(path):
     x, gates, t = _inputs(24, 40, 3, 4, 2)
     y = PATHS[path](x, gates, t["rules"], t["left"], t["right"], None)
@@ -79,7 +86,7 @@ def test_path_matches_dense_torch_kron_weights(path):
     torch.testing.assert_close(y, torch.einsum("bsi,eio,bse->bso", x, dense, gates), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["folded", "blocked"])
+@pytest.mark.parametrize("path", ["dense", "folded", "blocked"])
 def test_path_without_bias_is_the_biased_result_minus_the_gated_bias(path):
     x, gates, t = _inputs(16, 24, 2, 4, 2)
     with_bias = PATHS[path](x, gates, t["rules"], t["left"], t["right"], t["bias"])
@@ -87,18 +94,43 @@ def test_path_without_bias_is_the_biased_result_minus_the_gated_bias(path):
     torch.testing.assert_close(without, with_bias - gates @ t["bias"], rtol=1e-12, atol=1e-12)
 
 
-def test_dispatch_folds_narrow_layers_only(monkeypatch):
-    """The tiny backbone's 64-wide layers take the folded order, ViT-B's 768-wide ones the blocked order."""
+def test_dispatch_takes_the_dense_order_on_64_wide_layers_only(monkeypatch):
+    """The tiny backbone's 64-wide layers take the dense order, 128-wide ones the folded order, ViT-B's 768-wide ones
+    the blocked order (default E=4, n=4, r=4)."""
     taken = []
+    monkeypatch.setattr(kronecker, "kron_moe_forward_dense", lambda *a: taken.append("dense"))
     monkeypatch.setattr(kronecker, "kron_moe_forward_folded", lambda *a: taken.append("folded"))
     monkeypatch.setattr(kronecker, "kron_moe_forward_blocked", lambda *a: taken.append("blocked"))
-    for width in (64, 768):
+    for width in (64, 128, 768):
         x, gates, t = _inputs(width, width, 4, 4, 4)
         kronecker.kron_moe_forward(x, gates, t["rules"], t["left"], t["right"], t["bias"])
-    assert taken == ["folded", "blocked"]
+    assert taken == ["dense", "folded", "blocked"]
 
 
-@pytest.mark.parametrize("path", ["folded", "blocked"])
+@pytest.mark.parametrize(
+    "shape,path",
+    [((64, 64, 4, 4, 4), "dense"), ((128, 128, 4, 4, 4), "folded"), ((384, 384, 4, 4, 4), "blocked"),
+     ((768, 768, 4, 4, 1), "folded"), ((64, 128, 4, 4, 4), "folded")],
+)  # fmt: skip
+def test_kron_path_names_the_order_dispatch_takes(shape, path):
+    assert kron_path(*shape) == path
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dense_order_with_precomputed_gated_tokens_matches_reference(shape):
+    x, gates, t = _inputs(*shape)
+    gated = kronecker.gate_tokens(x, gates)
+    upstream = torch.randn(2, 3, shape[1], dtype=torch.float64)
+    y = kron_moe_forward_dense(x.detach(), gates, t["rules"], t["left"], t["right"], t["bias"], gated)
+    ref = _reference(x, gates, **t)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad((y * upstream).sum(), [x, gates])
+    want = torch.autograd.grad((ref * upstream).sum(), [x, gates])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["dense", "folded", "blocked"])
 def test_float32_input_with_float32_experts_stays_float32(path):
     t = init_kron_experts(32, 48, 4, 4, 2, zero_right=False)
     y = PATHS[path](torch.randn(5, 32), torch.rand(5, 4), **t)

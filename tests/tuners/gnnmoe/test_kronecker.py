@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from peft_gnnmoe.tuners.gnnmoe.kronecker import init_kron_experts, kron_expert_weights, kron_moe_forward, kron_shapes
+from peft_gnnmoe.tuners.gnnmoe.kronecker import (
+    init_kron_experts,
+    kron_expert_weights,
+    kron_moe_forward,
+    kron_path,
+    kron_shapes,
+)
 
 
 def _experts(in_f, out_f, num_experts, n, r, seed=0):
@@ -52,6 +58,8 @@ def test_kron_convention_matches_torch_kron_on_one_term():
 
 
 def test_forward_and_backward_never_build_the_dense_weight(monkeypatch):
+    """On a layer that takes a factored order (not the dense one of the narrowest layers)."""
+    assert kron_path(32, 64, 4, 4, 2) == "folded"
     t = _experts(32, 64, 4, 4, 2)
 
     def forbidden(*args, **kwargs):
