@@ -105,8 +105,10 @@ def test_the_feature_cache_serves_a_swapped_stream_by_its_donor():
         {**items[1], "video": frames[0], "video_uid": "u0"},
     ]
     _, cached = model.encode(AVSRCollator()(swapped))
-    assert torch.equal(cached[0][0], own[0][1])
-    assert torch.equal(cached[0][1], own[0][0])
+    # the projector reruns on the reordered batch: equal up to float rounding (which depends on the thread count)
+    torch.testing.assert_close(cached[0][0], own[0][1])
+    torch.testing.assert_close(cached[0][1], own[0][0])
+    assert not torch.allclose(cached[0][0], own[0][0], atol=1e-3)  # the donor's stream, not the utterance's own
 
 
 def _extractor():
