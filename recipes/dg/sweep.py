@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from peft_gnnmoe.tuners.gnnmoe.routing_figure import plot_expert_assignments
 
 from ..common.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
-from . import methods, report
+from . import methods, parallel, report
 from .batches import StepBatchSampler, augment, collate, normalize
 from .data import load_domains, make_split, seed_hash
 
@@ -103,6 +103,9 @@ class Sweep:
             log_with=trackers,
             project_dir=args.output_dir,
         )
+        self.jobs = 1 if args.shard else parallel.resolve_jobs(args.jobs, self.acc.num_processes, self.acc.device.type)
+        if self.jobs > 1 or args.shard:
+            torch.set_num_threads(1)  # one thread per process: the same numbers as a one-thread sequential sweep
         size, self.mean, self.std = methods.image_stats(args.backbone)
         self.image_size = args.image_size or size
         if self.image_size is None:
@@ -153,8 +156,10 @@ class Sweep:
         args = self.args
         path = os.path.join(args.output_dir, "args.json")
         protocol = {k: getattr(args, k) for k in PROTOCOL_KEYS}
+        if args.shard and not os.path.exists(path):
+            raise FileNotFoundError(f"--shard joins the sweep in {args.output_dir}, but it has no args.json.")
         if os.path.exists(path):
-            if not args.resume_from_checkpoint:
+            if not (args.resume_from_checkpoint or args.shard):
                 raise FileExistsError(
                     f"{args.output_dir} already holds a sweep; pass --resume_from_checkpoint to continue it or choose "
                     "another --output_dir."
@@ -165,20 +170,33 @@ class Sweep:
             if diff:
                 raise ValueError(f"Cannot resume {args.output_dir}: these arguments differ (saved, now): {diff}.")
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        if self.acc.is_main_process and not args.shard:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(path, "w") as f:
                 json.dump({"protocol": protocol, "args": vars(args)}, f, indent=2)
         self.acc.wait_for_everyone()
 
     def run(self) -> dict:
-        args, results = self.args, []
+        args = self.args
         start = time.time()
         jobs = [(t, e, m) for t in args.trial_seeds for e in self.test_envs for m in self.method_names]
-        bar = tqdm(jobs, desc="runs", disable=not self.acc.is_local_main_process)
-        for trial, test_env, method in bar:
-            bar.set_postfix(method=method, held_out=self.domain_names[test_env], trial=trial)
-            results.append(self.train_one(method, test_env, trial))
+        shard, shards = args.shard or (0, self.jobs)
+        workers = parallel.start_workers(args.argv, self.jobs, args.output_dir) if self.jobs > 1 else []
+        try:
+            bar = tqdm(jobs[shard::shards], desc="runs", disable=not self.acc.is_local_main_process)
+            if workers:
+                bar.write(f"{len(workers)} worker process(es) run the other runs ({args.output_dir}/workers/*.log)")
+            for trial, test_env, method in bar:
+                bar.set_postfix(method=method, held_out=self.domain_names[test_env], trial=trial)
+                self.train_one(method, test_env, trial)
+            parallel.wait_for_workers(workers)
+        except BaseException:
+            parallel.stop_workers(workers)
+            raise
+        if args.shard:
+            self.acc.end_training()
+            return None
+        results = [self.train_one(m, e, t) for t, e, m in jobs]  # every run is finished: reads its result.json
         table = None
         if self.acc.is_main_process:
             table = report.write_report(

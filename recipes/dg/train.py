@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from . import methods
 from .data import DATASETS, EMBEDDED
+from .parallel import parse_shard
 from .pretrain_backbone import BACKBONE_DIR as EMBEDDED_BACKBONE
 from .sweep import Sweep
 
@@ -214,6 +216,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from their latest checkpoint ('latest', the default) or from the given checkpoint folder.",
     )
     a.add_argument(
+        "--jobs",
+        default="auto",
+        help="Runs in parallel processes, one thread each (default 'auto': the usable cores, at most 4, on a CPU-only "
+        "single-process launch; else 1). The numbers do not depend on it.",
+    )
+    a.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="K/N",
+        help="Run only every N-th run, starting at K, into the sweep already in --output_dir (what --jobs starts).",
+    )
+    a.add_argument(
         "--report_to",
         default="tensorboard",
         choices=["tensorboard", "none"],
@@ -222,8 +236,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--output_dir", help="Where results go (default runs/dg-<dataset>).")
     a.add_argument("--routing_images", type=int, default=4, help="Held-out images per routing picture (0: none).")
     a.add_argument("--save_adapters", action="store_true", help="save_pretrained every run's final model.")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv  # what --jobs hands its workers (their own --jobs 1 and --shard come last and win)
     return resolve_defaults(args)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _method_lr(text: str) -> tuple[str, float]:
