@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     classes = [str(i) for i in range(saved_num_labels(args.adapter))]
     model = PeftModel.from_pretrained(methods.load_backbone(args.backbone, classes, args.num_blocks), args.adapter)
+    if not methods.is_gnnmoe(model):
+        raise ValueError(f"{args.adapter} is not a GNN-MoE adapter: only GNN-MoE routes patches to experts.")
     model.eval()
     _, mean, std = methods.image_stats(args.backbone)
     out = Path(args.output)

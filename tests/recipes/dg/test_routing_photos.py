@@ -46,3 +46,14 @@ def test_an_adapter_without_a_head_is_refused(tmp_path):
     save_file({"base_model.model.vit.encoder.layer.0.w": torch.zeros(2)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="no classifier head"):
         routing_photos.saved_num_labels(tmp_path)
+
+
+def test_an_adapter_without_routers_is_refused(tmp_path):
+    out = tmp_path / "dg"
+    train.main(
+        ["--dry_run", "--method", "lora", "--save_adapters", "--output_dir", str(out), "--jobs", "1"]
+        + ["--report_to", "none", "--routing_images", "0"]
+    )
+    (model,) = (out / "runs").glob("lora/env0_trial0/model")
+    with pytest.raises(ValueError, match="not a GNN-MoE adapter"):
+        routing_photos.main([str(model), "--backbone", str(BACKBONE_DIR), "--photos", "camera", "--sizes", "28"])
