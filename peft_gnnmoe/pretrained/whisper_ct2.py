@@ -13,17 +13,13 @@ exactly like a Hub id. Weights are stored in float32 (every float16 value is exa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .cache import cache_dir
+from .cache import cache_dir, convert_once, sha256_file
 from .ct2_format import is_ctranslate2_dir, read_ct2_model
 from .whisper_ct2_tensors import map_whisper_tensors
 
@@ -108,14 +104,6 @@ def _generation_config(ct2_dir: Path, config, ids: dict[str, int]) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_whisper_ct2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a CTranslate2 Whisper folder (``model.bin``, ``tokenizer.json``) into a transformers folder.
 
@@ -179,16 +167,6 @@ def bundled_tiny_en_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def _is_complete(folder: Path, source_hash: str) -> bool:
-    marker = folder / MARKER_FILE
-    if not marker.is_file() or not (folder / "model.safetensors").is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("source_sha256") == source_hash
-    except (OSError, ValueError):
-        return False
-
-
 def whisper_tiny_en_path(out_dir: str | Path | None = None) -> Path:
     """A transformers Whisper tiny.en folder, converted on first use and reused afterwards.
 
@@ -198,32 +176,8 @@ def whisper_tiny_en_path(out_dir: str | Path | None = None) -> Path:
     """
     source = bundled_tiny_en_dir()
     target = Path(out_dir) if out_dir is not None else cache_dir() / TINY_EN_CACHE_NAME
-    source_hash = _sha256(source / "model.bin")
-    if _is_complete(target, source_hash):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        start = time.perf_counter()
-        convert_whisper_ct2(source, staging)
-        marker = {"source": str(source), "source_sha256": source_hash, "seconds": time.perf_counter() - start}
-        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp makes it private; the final folder is an ordinary cache folder
-        if _is_complete(target, source_hash):  # another process (e.g. a second rank) finished first: keep its copy
-            shutil.rmtree(staging)
-            return target
-        if target.exists():  # stale or partial: replace it
-            shutil.rmtree(target)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _is_complete(target, source_hash):
-                raise
-            shutil.rmtree(staging)  # lost the race to another process between the check and the rename
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    source_hash = sha256_file(source / "model.bin")
+    return convert_once(target, source, source_hash, lambda folder: convert_whisper_ct2(source, folder), MARKER_FILE)
 
 
 def resolve_whisper(name_or_path: str | Path) -> str:

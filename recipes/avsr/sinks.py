@@ -1,5 +1,6 @@
-"""The sink paper's experiment in miniature (arXiv 2510.22603): train with and without the decorrelation loss at a
-low and a high compression rate, then measure BOS-cosine, attention sinks and massive activations of each model.
+"""The sink paper's experiment (arXiv 2510.22603): at a low and a high compression rate, analyse the model before
+fine-tuning, train it without and with the decorrelation loss, and measure BOS-cosine, attention sinks and massive
+activations of each (:mod:`recipes.avsr.sink_stats`), over one or more seeds (``--seeds``).
 """
 
 from __future__ import annotations
@@ -8,144 +9,149 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 
-from .config import RunConfig, SinkConfig
+from .build import build_model
+from .config import RunConfig
 from .data.collate import matching_video_rate
-from .data.loader import LoaderConfig, make_loader
 from .data.lrs3 import Utterance
 from .loop import Log, run
-from .model import SEG, SEGMENTS, AVSRModel
-
-
-def analysis_batch(model: AVSRModel, test_utts: list[Utterance], loader_config: LoaderConfig, extractor, n: int = 8):
-    """Teacher-forced sequences of the first ``n`` test utterances, as forward kwargs for the analysis tools."""
-    loader = make_loader(loader_config, test_utts[:n], model.modality, extractor, model.tokenizer, train=False)
-    batch = next(iter(loader))
-    with torch.no_grad():
-        seq = model.assemble(batch, with_transcript=True)
-    return {"inputs_embeds": seq.inputs_embeds, "attention_mask": seq.attention_mask}, seq.segments
-
-
-def sink_analysis(
-    model: AVSRModel, batch: dict, segments: torch.Tensor, config: SinkConfig, plot_dir: Path, tag: str
-) -> dict:
-    """Mean BOS-cosine, intermediate sink tokens and top activation of one trained model (+ its plots)."""
-    from peft_gnnmoe.analysis.cosine import bos_cosine_similarity
-    from peft_gnnmoe.analysis.massive import find_massive_activations
-    from peft_gnnmoe.analysis.plotting import plot_attention_sinks, plot_bos_cosine, plot_massive_activations
-    from peft_gnnmoe.analysis.sinks import attention_sink_scores
-
-    cosine = bos_cosine_similarity(model.llm, batch, layers="all")
-    sinks = attention_sink_scores(model.llm, batch, threshold=config.threshold)
-    massive = find_massive_activations(model.llm, batch, config.massive_magnitude, config.massive_ratio)
-    n = batch["attention_mask"].shape[0]
-    intermediate = [s for s in sinks.sinks if segments[s["batch"], s["token"]] != SEG["bos"]]
-    top = max((abs(t["value"]) for layer in massive.layers for t in layer.top), default=0.0)
-    median = max((layer.median for layer in massive.layers), default=0.0)
-    names = [SEGMENTS[s] for s in segments[0].tolist()]
-    plot_bos_cosine(cosine, plot_dir / f"{tag}_bos_cosine.png", tokens=names)
-    plot_attention_sinks(sinks, plot_dir / f"{tag}_attention_sinks.png", tokens=names)
-    plot_massive_activations(massive, plot_dir / f"{tag}_massive_activations.png")
-    by_segment: dict[str, int] = {}
-    for s in intermediate:
-        seg = SEGMENTS[segments[s["batch"], s["token"]]]
-        by_segment[seg] = by_segment.get(seg, 0) + 1
-    return {
-        "mean_bos_cosine": cosine.mean,
-        "bos_cosine_per_layer": cosine.mean_per_layer,
-        "intermediate_sinks_per_utt": round(len(intermediate) / n, 2),
-        "intermediate_sinks_by_segment": by_segment,
-        "bos_sink_score": round(sum(row[0] for row in sinks.mean_scores) / n, 4),
-        "max_intermediate_sink_score": round(
-            sum(
-                max((v for t, v in enumerate(row) if segments[b, t] not in (SEG["bos"], SEG["pad"])), default=0.0)
-                for b, row in enumerate(sinks.mean_scores)
-            )
-            / n,
-            4,
-        ),
-        "top_activation": round(top, 2),
-        "max_layer_median": round(median, 4),
-        "massive_activations": len(massive.massive),
-    }
+from .sink_stats import analysis_batch, sink_analysis, summarise_cells
 
 
 def run_sink_experiment(
     config: RunConfig, accelerator: Accelerator, splits: dict[str, list[Utterance]], log: Log
 ) -> None:
-    """Train with and without the decorrelation loss at a low and a high rate, analyse each model, write one table."""
+    """Per seed and rate: analyse the model before fine-tuning, then train it without and with the decorrelation
+    loss and analyse each; write ``sinks.json`` (every row), ``summary.json`` / ``sinks.md`` (mean ± std over seeds)
+    and the plots."""
+    from transformers import set_seed
+
     modality = config.modalities[0]
-    low, high = config.sinks.rates
     weight = config.sinks.weight
     out = config.output_dir / "sinks"
+    seeds = config.seeds or (config.seed,)
     rows = []
-    for rate in (low, high):
-        for w in (0.0, weight):
-            tag = f"{modality}_rate{rate}_decor{w:g}"
+    for seed in seeds:
+        seeded = replace(config, seed=seed)
+        base = out / f"seed_{seed}" if config.seeds else out
+        for rate in config.sinks.rates:
             rates = {"video_rate": rate} if modality == "vsr" else {"audio_rate": rate}
             if modality == "avsr":
                 rates["video_rate"] = matching_video_rate(rate)  # video tokens at (about) the audio tokens' rate
-            model_config = replace(config.model, decor_weight=w, **rates)
-            res, model, extractor = run(config, accelerator, splits, modality, out / tag, log, model_config)
-            batch, segments = analysis_batch(model, splits["test"], config.loader, extractor)
-            stats = sink_analysis(model, batch, segments, config.sinks, out / "plots", tag)
-            rows.append(
-                {
-                    "tag": tag,
-                    "rate": rate,
-                    "decor_weight": w,
-                    "wer": res["test"]["wer"],
-                    "untrained_wer": res.get("untrained", {}).get("wer"),
-                    **stats,
-                }
-            )
-            log(
-                f"[sinks] {tag}: WER {res['test']['wer']:.2f}%  BOS-cos {stats['mean_bos_cosine']:.3f}  "
-                f"sinks/utt {stats['intermediate_sinks_per_utt']}  top |h| {stats['top_activation']}"
-            )
+            set_seed(seed)  # the same initial projectors as the trained runs of this seed start from
+            untrained, extractor = build_model(replace(config.model, decor_weight=0.0, **rates), modality)
+            untrained.to(accelerator.device)
+            tag = f"{modality}_rate{rate}_before"
+            batch, segments = analysis_batch(untrained, splits["test"], config.loader, extractor)
+            stats = sink_analysis(untrained, batch, segments, config.sinks, base / "plots", tag)
+            rows.append({"tag": tag, "seed": seed, "rate": rate, "stage": "before", "decor_weight": None, **stats})
+            del untrained
+            for w in (0.0, weight):
+                tag = f"{modality}_rate{rate}_decor{w:g}"
+                model_config = replace(config.model, decor_weight=w, **rates)
+                res, model, extractor = run(seeded, accelerator, splits, modality, base / tag, log, model_config)
+                batch, segments = analysis_batch(model, splits["test"], config.loader, extractor)
+                stats = sink_analysis(model, batch, segments, config.sinks, base / "plots", tag)
+                rows.append(
+                    {
+                        "tag": tag,
+                        "seed": seed,
+                        "rate": rate,
+                        "stage": "trained",
+                        "decor_weight": w,
+                        "wer": res["test"]["wer"],
+                        "untrained_wer": res.get("untrained", {}).get("wer"),
+                        **stats,
+                    }
+                )
+                log(
+                    f"[sinks] seed {seed} {tag}: WER {res['test']['wer']:.2f}%  BOS-cos {stats['mean_bos_cosine']:.3f}"
+                    f"  sinks/utt {stats['intermediate_sinks_per_utt']}  top |h| {stats['top_activation']}"
+                )
+    if not accelerator.is_main_process:
+        return
+    summary = summarise_cells(rows)
     (out / "sinks.json").write_text(json.dumps(rows, indent=1))
-    table = sinks_table(rows, modality, config.model.projector, weight)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table = sinks_table(summary, modality, config.model.projector, weight, config.model.llm)
     (out / "sinks.md").write_text(table)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
     plot_summary(rows, out / "plots" / "summary.png")
     log(table.rstrip("\n"))
 
 
-def sinks_table(rows: list[dict], modality: str, projector: str, weight: float) -> str:
-    """The experiment's markdown table: one row per (rate, λ)."""
+def _cell(entry: dict, field: str, digits: int) -> str:
+    if field not in entry:
+        return "–"
+    value = entry[field]
+    if value["n"] == 1:
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def sinks_table(summary: list[dict], modality: str, projector: str, weight: float, llm: str = "") -> str:
+    """The experiment's markdown table: one row per (rate, before / λ), mean ± std over seeds."""
+    seeds = sorted({s for e in summary for s in e["seeds"]})
     lines = [
-        f"Modality `{modality}`, projector `{projector}`, λ = {weight}, analysis on 8 test utterances.",
+        f"Modality `{modality}`, LLM `{llm}`, projector `{projector}`, λ = {weight}, analysis on 8 test utterances, "
+        f"seeds {', '.join(map(str, seeds))} (mean ± std where more than one).",
         "",
-        "| rate | decor λ | WER % | mean BOS-cosine | intermediate sinks / utt | max non-BOS sink score | "
-        "BOS sink score | top \\|activation\\| |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rate | model | WER % | mean BOS-cosine | intermediate sinks / utt | layers with an intermediate sink "
+        "| max non-BOS sink score | BOS sink score | top \\|activation\\| | massive activations "
+        "| non-BOS massive tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['rate']} | {r['decor_weight']:g} | {r['wer']:.2f} | {r['mean_bos_cosine']:.3f} | "
-            f"{r['intermediate_sinks_per_utt']} | {r['max_intermediate_sink_score']:.3f} | "
-            f"{r['bos_sink_score']:.3f} | "
-            f"{r['top_activation']:.1f} |"
-        )
+    for e in summary:
+        model = "before fine-tuning" if e["stage"] == "before" else f"λ = {e['decor_weight']:g}"
+        cells = [
+            _cell(e, "wer", 2),
+            _cell(e, "mean_bos_cosine", 3),
+            _cell(e, "intermediate_sinks_per_utt", 2),
+            _cell(e, "layers_with_intermediate_sinks", 1),
+            _cell(e, "max_intermediate_sink_score", 3),
+            _cell(e, "bos_sink_score", 3),
+            _cell(e, "top_activation", 1),
+            _cell(e, "massive_activations", 1),
+            _cell(e, "non_bos_massive_tokens", 1),
+        ]
+        lines.append(f"| {e['rate']} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _label(rate: int, stage: str, weight: float | None) -> str:
+    return f"rate {rate}, " + ("before" if stage == "before" else f"λ={weight:g}")
+
+
 def plot_summary(rows: list[dict], path: Path) -> None:
-    """Cosine to BOS per layer and WER of every (rate, λ), side by side."""
+    """Per (rate, before / λ), averaged over seeds: cosine to BOS per layer, top |activation| per layer, and WER."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        axes[0].plot(r["bos_cosine_per_layer"], marker="o", label=f"rate {r['rate']}, λ={r['decor_weight']:g}")
+        cells.setdefault((r["rate"], r["stage"], r["decor_weight"]), []).append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for (rate, stage, weight), group in cells.items():
+        style = {"label": _label(rate, stage, weight), "marker": "o", "ms": 3, "ls": ":" if stage == "before" else "-"}
+        axes[0].plot(np.mean([r["bos_cosine_per_layer"] for r in group], axis=0), **style)
+        axes[1].plot(np.mean([r["top_activation_per_layer"] for r in group], axis=0), **style)
     axes[0].set(xlabel="decoder layer", ylabel="mean cos(h[BOS], h[t])", title="cosine to BOS per layer")
-    axes[0].legend(fontsize=8)
-    labels = [f"r{r['rate']}\nλ={r['decor_weight']:g}" for r in rows]
-    axes[1].bar(labels, [r["wer"] for r in rows], color=["tab:gray", "tab:blue"] * 2)
-    axes[1].set(ylabel="test WER %", title="WER with / without decorrelation")
+    axes[1].set(xlabel="decoder layer", ylabel="top |h|", yscale="log", title="largest activation per layer")
+    axes[0].legend(fontsize=7)
+    trained = [(k, g) for k, g in cells.items() if k[1] == "trained"]
+    wers = [[r["wer"] for r in g] for _, g in trained]
+    axes[2].bar(
+        [_label(*k).replace(", ", "\n") for k, _ in trained],
+        [np.mean(w) for w in wers],
+        yerr=[np.std(w, ddof=1) if len(w) > 1 else 0 for w in wers],
+        color=["tab:gray", "tab:blue"] * len(trained),
+        capsize=3,
+    )
+    axes[2].set(ylabel="test WER %", title="WER without / with decorrelation (± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

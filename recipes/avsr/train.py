@@ -22,11 +22,12 @@ import json
 
 from .config import RunConfig, parse_args, resolve_config
 from .controls import seed_summary, seed_table
-from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits
+from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits, read_manifest
+from .data.real_speech import write_real_speech_manifest
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from .loop import Log, evaluate_final, make_accelerator, results_table, run
 from .sinks import run_sink_experiment
-from .stand_ins import build_stand_ins
+from .stand_ins import build_stand_ins, stand_in_paths
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,7 +100,14 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
         config.max_test_utts,
         log,
     )
-    if config.embedded:
+    if config.real_speech_test:  # written as a manifest and read back, like any LRS3 split
+        manifest = config.output_dir / "real_speech.jsonl"
+        if accelerator.is_main_process:
+            write_real_speech_manifest(manifest)
+        accelerator.wait_for_everyone()
+        splits["real_speech"] = read_manifest(manifest)
+        log(f"real-speech test set: {len(splits['real_speech'])} recorded utterances (pocketsphinx-testdata)")
+    if config.embedded and uses_stand_ins(config):
         if accelerator.is_main_process:
             build_stand_ins(  # on clean inputs: the stand-ins do not depend on the run's augmentation
                 config.output_dir,
@@ -112,3 +120,14 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
             )
         accelerator.wait_for_everyone()
     return splits
+
+
+def uses_stand_ins(config: RunConfig) -> bool:
+    """Whether any model the runs load is an embedded stand-in (then all of them are built: they train together)."""
+    paths = stand_in_paths(config.output_dir)
+    wanted = {"llm": config.model.llm}
+    if {"asr", "avsr"} & set(config.modalities):
+        wanted["audio_encoder"] = config.model.audio_encoder
+    if {"vsr", "avsr"} & set(config.modalities):
+        wanted["video_encoder"] = config.model.video_encoder
+    return any(value == str(paths[name]) for name, value in wanted.items())

