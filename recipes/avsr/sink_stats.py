@@ -13,6 +13,7 @@ from .config import SinkConfig
 from .data.loader import LoaderConfig, make_loader
 from .data.lrs3 import Utterance
 from .model import SEG, SEGMENTS, AVSRModel
+from .sink_plots import plot_attention_map, plot_sink_vs_other_cosine, sink_vs_other_cosine
 
 # Sun et al.'s thresholds (|h| > 100 and > 1000 x the layer median) are SinkConfig's; the relative count keeps only
 # the ratio test, at 100 x, which also counts the smaller outliers of a small model
@@ -63,9 +64,18 @@ def sink_analysis(
     plot_bos_cosine(cosine, plot_dir / f"{tag}_bos_cosine.png", tokens=names)
     plot_attention_sinks(sinks, plot_dir / f"{tag}_attention_sinks.png", tokens=names)
     plot_massive_activations(massive, plot_dir / f"{tag}_massive_activations.png")
+    sink_cos, other_cos = sink_vs_other_cosine(cosine, sinks, segments)
+    plot_sink_vs_other_cosine(sink_cos, other_cos, plot_dir / f"{tag}_sink_vs_other_cosine.png", tag)
+    map_layer = max(range(n_layers), key=lambda i: per_layer[i]) if any(per_layer) else n_layers // 2
+    plot_attention_map(
+        model.llm, batch, segments, map_layer, plot_dir / f"{tag}_attention_map.png", f"{tag}: layer {map_layer}"
+    )
     return {
         "mean_bos_cosine": cosine.mean,
         "bos_cosine_per_layer": cosine.mean_per_layer,
+        "bos_cosine_of_sinks_per_layer": sink_cos,
+        "bos_cosine_of_others_per_layer": other_cos,
+        "attention_map_layer": map_layer,
         "intermediate_sinks_per_utt": round(len(intermediate) / n, 2),
         "intermediate_sinks_by_segment": _by_segment(intermediate, segments),
         "intermediate_sinks_per_layer": [round(v, 2) for v in per_layer],

@@ -154,6 +154,12 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     assert "summary.png" in plots
     seed_plots = {p.name for p in (out / "sinks" / "seed_1" / "plots").glob("*.png")}
     assert {"asr_rate4_decor0.5_attention_sinks.png", "asr_rate4_before_bos_cosine.png"} <= seed_plots
+    assert {"asr_rate2_decor0_attention_map.png", "asr_rate2_before_sink_vs_other_cosine.png"} <= seed_plots
+    for r in rows:  # every layer has tokens that are not sinks; a sink group exists only at layers with sinks
+        assert all(v is not None for v in r["bos_cosine_of_others_per_layer"])
+        assert [v is not None for v in r["bos_cosine_of_sinks_per_layer"]] == [
+            n > 0 for n in r["intermediate_sinks_per_layer"]
+        ]
     decor_log = json.loads((out / "sinks" / "seed_0" / "asr_rate2_decor0.5" / "train_log.json").read_text())
     assert all("decor" in h for h in decor_log)  # the wrapped model reported both loss parts
     assert all("ce" in h for h in decor_log)
