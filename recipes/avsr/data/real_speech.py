@@ -33,7 +33,10 @@ def pocketsphinx_utterances(root: str | Path = POCKETSPHINX_DATA) -> list[Uttera
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} not found: install it with `apt-get install -y pocketsphinx-testdata`.")
+        raise FileNotFoundError(
+            f"{root} not found: install it with `apt-get install -y pocketsphinx-testdata` (scripts/setup.sh does), "
+            "or pass --no-real_speech_test to skip the recorded-speech test set."
+        )
     rows = []
     for folder, listing in SETS:
         lines = (root / folder / listing).read_text(encoding="utf-8").splitlines()
