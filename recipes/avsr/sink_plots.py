@@ -21,6 +21,11 @@ BAND_COLOURS = {
 }
 
 
+def is_bos_or_pad(segments: torch.Tensor, batch: int, token: int) -> bool:
+    """Whether position ``token`` of sequence ``batch`` is BOS or padding (never an intermediate sink)."""
+    return int(segments[batch, token]) in (SEG["bos"], SEG["pad"])
+
+
 def _bands(segments: list[int]) -> list[tuple[str, int, int]]:
     """Consecutive runs ``(segment name, start, end)`` of one sequence's segment ids, padding left out."""
     runs: list[tuple[str, int, int]] = []
@@ -81,7 +86,7 @@ def sink_vs_other_cosine(cosine, sinks, segments: torch.Tensor) -> tuple[list[fl
         groups: tuple[list[float], list[float]] = ([], [])
         for b, rows in enumerate(cosine.cosine):
             for t, value in enumerate(rows[i]):
-                if value is None or int(segments[b, t]) in (SEG["bos"], SEG["pad"]):
+                if value is None or is_bos_or_pad(segments, b, t):
                     continue
                 groups[0 if (b, t, layer) in sink_at else 1].append(value)
         sink_means.append(sum(groups[0]) / len(groups[0]) if groups[0] else None)

@@ -12,8 +12,8 @@ import torch
 from .config import SinkConfig
 from .data.loader import LoaderConfig, make_loader
 from .data.lrs3 import Utterance
-from .model import SEG, SEGMENTS, AVSRModel
-from .sink_plots import plot_attention_map, plot_sink_vs_other_cosine, sink_vs_other_cosine
+from .model import SEGMENTS, AVSRModel
+from .sink_plots import is_bos_or_pad, plot_attention_map, plot_sink_vs_other_cosine, sink_vs_other_cosine
 
 # Sun et al.'s thresholds (|h| > 100 and > 1000 x the layer median) are SinkConfig's; the relative count keeps only
 # the ratio test, at 100 x, which also counts the smaller outliers of a small model
@@ -54,7 +54,7 @@ def sink_analysis(
     n = batch["attention_mask"].shape[0]
 
     def not_bos(entry: dict) -> bool:
-        return int(segments[entry["batch"], entry["token"]]) not in (SEG["bos"], SEG["pad"])
+        return not is_bos_or_pad(segments, entry["batch"], entry["token"])
 
     intermediate = [s for s in sinks.sinks if not_bos(s)]
     n_layers = len(sinks.layer_scores[0]) if sinks.layer_scores else 0
@@ -83,7 +83,7 @@ def sink_analysis(
         "bos_sink_score": round(sum(row[0] for row in sinks.mean_scores) / n, 4),
         "max_intermediate_sink_score": round(
             sum(
-                max((v for t, v in enumerate(row) if segments[b, t] not in (SEG["bos"], SEG["pad"])), default=0.0)
+                max((v for t, v in enumerate(row) if not is_bos_or_pad(segments, b, t)), default=0.0)
                 for b, row in enumerate(sinks.mean_scores)
             )
             / n,

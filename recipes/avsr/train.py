@@ -26,6 +26,7 @@ from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits, 
 from .data.real_speech import write_real_speech_manifest
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from .loop import Log, evaluate_final, make_accelerator, results_table, run
+from .options import models_used
 from .sinks import run_sink_experiment
 from .stand_ins import build_stand_ins, stand_in_paths
 
@@ -125,9 +126,4 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
 def uses_stand_ins(config: RunConfig) -> bool:
     """Whether any model the runs load is an embedded stand-in (then all of them are built: they train together)."""
     paths = stand_in_paths(config.output_dir)
-    wanted = {"llm": config.model.llm}
-    if {"asr", "avsr"} & set(config.modalities):
-        wanted["audio_encoder"] = config.model.audio_encoder
-    if {"vsr", "avsr"} & set(config.modalities):
-        wanted["video_encoder"] = config.model.video_encoder
-    return any(value == str(paths[name]) for name, value in wanted.items())
+    return any(getattr(config.model, m) == str(paths[m]) for m in models_used(config.modalities))
