@@ -8,6 +8,7 @@ of the recipe takes the few values it needs from it.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ LORA_PRESETS = {
     "default": {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05},
     "llama_avsr": {"lora_r": 64, "lora_alpha": 8, "lora_dropout": 0.0},
 }
+# --experiment decor_sweep: lambdas tried (0 = the baseline), and the held-out training utterances that choose one
+DECOR_SWEEP_WEIGHTS = (0.0, 0.1, 1.0, 10.0, 100.0)
+DECOR_SWEEP_VAL_UTTS = 64
 DESCRIPTION = "LLM-based ASR / VSR / AVSR with LoRA and optional sink decorrelation, in the Llama-AVSR style."
 
 
@@ -47,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--experiment",
-        choices=["none", "sinks"],
+        choices=["none", "sinks", "decor_sweep"],
         default="none",
-        help="'sinks': train with/without the decorrelation loss at a low and a high rate, then analyse",
+        help="'sinks': train with/without the decorrelation loss at a low and a high rate, then analyse; "
+        "'decor_sweep': choose the loss weight lambda on held-out training utterances (--decor_weights)",
     )
     g.add_argument("--output_dir", default="runs/avsr")
     g.add_argument("--seed", type=int, default=0)
@@ -123,8 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--projector",
         choices=["stack", "avg"],
         default=None,
-        help="compress by stacking K frames or average-pooling them (default: stack; avg for --experiment sinks, as "
-        "in the sink paper)",
+        help="compress by stacking K frames or average-pooling them (default: stack; avg for --experiment sinks and "
+        "decor_sweep, as in the sink paper)",
     )
     g.add_argument(
         "--projector_hidden", type=int, default=None, help="projector MLP width (default 2048; 512 embedded)"
@@ -161,6 +166,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar=("LOW", "HIGH"),
         help="--experiment sinks: low and high rate of the analysed modality (default 2 16 audio, 1 8 video)",
+    )
+    g.add_argument(
+        "--decor_weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"--experiment decor_sweep: the lambdas tried at the high --sink_rates rate (default "
+        f"{' '.join(f'{w:g}' for w in DECOR_SWEEP_WEIGHTS)}); the one of lowest validation loss is chosen",
     )
     g.add_argument("--sink_threshold", type=float, default=0.3, help="attention-sink score threshold (Gu et al.)")
     g.add_argument("--massive_magnitude", type=float, default=100.0, help="massive activation: |h| above this")
@@ -256,6 +269,7 @@ class SinkConfig:
 
     rates: tuple[int, int] = (2, 16)
     weight: float = 0.1
+    sweep_weights: tuple[float, ...] = ()  # --experiment decor_sweep: the lambdas tried
     threshold: float = 0.3
     massive_magnitude: float = 100.0
     massive_ratio: float = 1000.0
@@ -297,6 +311,18 @@ class RunConfig:
     real_speech_test: bool = False  # also decode pocketsphinx-testdata's recorded utterances (asr)
 
 
+def check_sweep_options(args: argparse.Namespace) -> None:
+    """``--decor_weights`` belongs to ``--experiment decor_sweep``, which needs distinct lambdas >= 0 and one seed."""
+    if args.decor_weights is None:
+        return
+    if args.experiment != "decor_sweep":
+        raise ValueError(
+            "--decor_weights lists the lambdas of --experiment decor_sweep; add that, or use --decor_weight"
+        )
+    if any(not math.isfinite(w) or w < 0 for w in args.decor_weights) or len(set(args.decor_weights)) < 2:
+        raise ValueError(f"--decor_weights needs two or more distinct finite lambdas >= 0, got {args.decor_weights}")
+
+
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The frozen run configuration of parsed arguments (``args`` is left as it is).
 
@@ -306,17 +332,18 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     embedded = args.data_dir is None
     if not embedded:
         check_checkpoints_given(args)
-    several_runs = len(args.modality) > 1 or args.experiment == "sinks"
+    several_runs = len(args.modality) > 1 or args.experiment != "none"
     if args.resume not in (None, "latest") and several_runs:
         raise ValueError(
             f"--resume {args.resume} names one run's checkpoint, but this invocation trains several runs "
-            f"({'the sink experiment' if args.experiment == 'sinks' else ', '.join(args.modality)}): pass one "
-            "--modality, or --resume latest (each run resumes from its own newest checkpoint)"
+            f"({f'--experiment {args.experiment}' if args.experiment != 'none' else ', '.join(args.modality)}): "
+            "pass one --modality, or --resume latest (each run resumes from its own newest checkpoint)"
         )
     if args.eval_only and not args.resume_from:
         raise ValueError("--eval_only needs --resume_from <run>/final (the folder a finished run saved)")
-    if args.eval_only and args.experiment == "sinks":
-        raise ValueError("--eval_only decodes one finished run; it does not apply to --experiment sinks")
+    if args.eval_only and args.experiment != "none":
+        raise ValueError(f"--eval_only decodes one finished run; it does not apply to --experiment {args.experiment}")
+    check_sweep_options(args)
     output_dir = Path(args.output_dir)
     random_crop = not embedded if args.random_crop is None else args.random_crop
     augmenting = bool(args.train_snr_range) or args.time_mask
@@ -338,7 +365,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         video_encoder=args.video_encoder or (str(stand_ins["video_encoder"]) if embedded else None),
         audio_rate=args.audio_rate,
         video_rate=args.video_rate,
-        projector=args.projector or ("avg" if args.experiment == "sinks" else "stack"),
+        projector=args.projector or ("stack" if args.experiment == "none" else "avg"),
         projector_hidden=args.projector_hidden or (512 if embedded and not args.real else 2048),
         projector_layer_norm=args.projector_layer_norm,
         llm_dtype=args.llm_dtype or ("bf16" if args.real else "fp32"),
@@ -375,12 +402,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         save_every=args.save_every,
         checkpoints_total_limit=args.checkpoints_total_limit,
         resume=args.resume,
-        val_utts=args.val_utts,
+        val_utts=args.val_utts or (DECOR_SWEEP_VAL_UTTS if args.experiment == "decor_sweep" else 0),
         average_last=args.average_last,
     )
     sinks = SinkConfig(
         rates=tuple(args.sink_rates) if args.sink_rates else ((1, 8) if args.modality[0] == "vsr" else (2, 16)),
         weight=args.decor_weight or 0.1,
+        sweep_weights=tuple(args.decor_weights or DECOR_SWEEP_WEIGHTS),
         threshold=args.sink_threshold,
         massive_magnitude=args.massive_magnitude,
         massive_ratio=args.massive_ratio,

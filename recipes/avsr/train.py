@@ -2,6 +2,7 @@
 
     accelerate launch -m recipes.avsr                       # embedded default: offline corpus, asr + vsr + avsr
     accelerate launch -m recipes.avsr --experiment sinks    # the sink paper's experiment in miniature
+    accelerate launch -m recipes.avsr --experiment decor_sweep --modality asr   # choose lambda on validation
     accelerate launch -m recipes.avsr --seeds 0 1 2 --swap_controls   # mean +- std over seeds, with swap controls
     accelerate launch -m recipes.avsr --modality avsr --data_dir /data/lrs3 --llm meta-llama/Llama-3.2-1B \\
         --audio_encoder openai/whisper-medium --video_encoder path/to/lip_encoder --audio_rate 4 --video_rate 2 \\
@@ -25,6 +26,7 @@ from .controls import seed_summary, seed_table
 from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits, read_manifest
 from .data.real_speech import write_real_speech_manifest
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
+from .decor_sweep import run_decor_sweep
 from .loop import Log, evaluate_final, make_accelerator, results_table, run
 from .options import models_used
 from .sinks import run_sink_experiment
@@ -32,7 +34,8 @@ from .stand_ins import build_stand_ins, stand_in_paths
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the recipe; returns ``{modality: results}`` (empty for ``--experiment sinks``)."""
+    """Run the recipe; returns ``{modality: results}`` (empty for ``--experiment sinks``; the sweep's summary for
+    ``--experiment decor_sweep``)."""
     config = resolve_config(parse_args(argv))
     accelerator = make_accelerator(config.grad_accum, config.mixed_precision)
     out = config.output_dir
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     if config.experiment == "sinks":
         run_sink_experiment(config, accelerator, splits, log)
         return {}
+    if config.experiment == "decor_sweep":
+        return run_decor_sweep(config, accelerator, splits, log) or {}
     if config.eval_only:
         results = [evaluate_final(config, accelerator, splits, out / "eval", log)]
     elif config.seeds:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -254,3 +255,39 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
     assert two["training"]["steps"] == 9
     assert two["test"] == one["test"]
     assert len(json.loads((two_dir / "asr" / "train_log.json").read_text())) == 9
+
+
+def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
+    out = tmp_path / "run"
+    summary = main(SMALL + ["--output_dir", str(out), "--experiment", "decor_sweep", "--modality", "asr",
+                            "--sink_rates", "2", "4", "--decor_weights", "0", "0.5", "50", "--max_steps", "2",
+                            "--val_utts", "4", "--no-eval_untrained"])  # fmt: skip
+    saved = json.loads((out / "decor_sweep" / "sweep.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert [c["decor_weight"] for c in saved["cells"]] == [0.0, 0.5, 50.0]
+    assert {r["rate"] for r in saved["rows"]} == {4}  # the high rate
+    losses = {r["decor_weight"]: r["val_loss"] for r in saved["rows"]}
+    assert saved["chosen"] == min(losses, key=losses.get)
+    assert len(set(losses.values())) == 3  # each lambda trained its own model
+    for weight in (0.0, 0.5, 50.0):
+        log = json.loads(
+            (out / "decor_sweep" / "seed_0" / f"asr_rate4_decor{weight:g}" / "train_log.json").read_text()
+        )
+        assert [h["val_loss"] for h in log if "val_loss" in h][-1] == losses[weight]
+        assert all(("decor" in h) == (weight > 0) for h in log if "loss" in h)
+    table = (out / "decor_sweep" / "sweep.md").read_text()
+    assert table.count("\n| ") == 4 and f"**{saved['chosen']:g}**" in table
+    assert (out / "decor_sweep" / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--decor_weights", "0", "1"], "--experiment decor_sweep"),
+        (["--experiment", "decor_sweep", "--decor_weights", "0", "-1"], "distinct finite lambdas"),
+        (["--experiment", "decor_sweep", "--decor_weights", "1", "1"], "distinct finite lambdas"),
+    ],
+)
+def test_bad_decor_sweep_options_are_refused(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        main(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr"] + extra)
