@@ -12,6 +12,10 @@ Timing: a training step (forward + backward + AdamW step, train mode) and infere
 ``torch.inference_mode()``). All variants of a setting live in one process and are timed round-robin (the order
 rotates every repeat); the median over repeats is reported, with ratios to LoRA. ``os.getloadavg()`` is printed at
 start and end: on a loaded machine the absolute times are indicative only, the interleaved ratios less so.
+Work: the floating-point operations of one training step and of one inference call, counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the eager model (matmul-family ops, attention and convolutions; not
+elementwise ops, ``topk`` or the optimizer). Their ratio to LoRA's is the floor of the time ratio for kernels that
+run equally fast: no implementation of the same computation gets below it.
 Peak memory: every variant runs one warm-up and one training step in its own subprocess; on CPU the figure is the peak
 resident set size (``VmHWM``, reset just before the first step) minus the resident size before it, on CUDA
 ``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
@@ -183,6 +187,23 @@ def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype, comp
     return {"variant": name, "peak_extra_mb": max(peak - before, 0) / 2**20}
 
 
+def count_flops(v: Variant) -> dict[str, int]:
+    """FLOPs of one training step and one inference call of ``v``'s eager model (``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    forward = v.forward
+    v.forward = v.model  # count the eager graph, also under --compile
+    try:
+        counts = {}
+        for what in ("train_step", "infer"):
+            with FlopCounterMode(display=False) as counter:
+                getattr(v, what)()
+            counts[what] = counter.get_total_flops()
+    finally:
+        v.forward = forward
+    return counts
+
+
 def time_round_robin(models: list[Variant], what: str, repeats: int, device: str) -> dict[str, float]:
     """Median seconds of ``what`` per variant, variants interleaved, the order rotated every repeat."""
     times: dict[str, list[float]] = {m.name: [] for m in models}
@@ -215,6 +236,7 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
     infer = time_round_robin(models, "infer", args.repeats, args.device)
     rows = []
     for m in models:
+        flops = count_flops(m)
         row = {
             "setting": name,
             "variant": m.name,
@@ -222,6 +244,8 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
             "train_step_s": train[m.name],
             "inference_s": infer[m.name],
             "peak_extra_mb": memory.get(m.name),
+            "train_gflop": flops["train_step"] / 1e9,
+            "inference_gflop": flops["infer"] / 1e9,
         }
         rows.append(row)
     lora = rows[0]
@@ -229,6 +253,8 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
         row["train_vs_lora"] = row["train_step_s"] / lora["train_step_s"]
         row["inference_vs_lora"] = row["inference_s"] / lora["inference_s"]
         row["params_vs_lora"] = row["trainable_params"] / lora["trainable_params"]
+        row["train_flops_vs_lora"] = row["train_gflop"] / lora["train_gflop"]
+        row["inference_flops_vs_lora"] = row["inference_gflop"] / lora["inference_gflop"]
         if args.memory:
             row["memory_vs_lora"] = row["peak_extra_mb"] / lora["peak_extra_mb"]
     return rows
@@ -238,13 +264,18 @@ def print_table(name: str, s: dict, rows: list[dict]) -> None:
     shape = "embedded backbone (64 wide, 4 blocks, 7x7 patches)" if s["width"] is None else f"{s['width']} wide"
     blocks = "" if s["width"] is None else f", {s['layers']} blocks"
     print(f"\n**{name}**: {shape}{blocks}, {s['image']} px, batch {s['batch']}, targets {'/'.join(s['targets'])}")
-    print("\n| variant | adapter params | train step ms | × LoRA | inference ms | × LoRA | peak extra MB | × LoRA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| variant | adapter params | train step ms | × LoRA | train GFLOP | × LoRA | inference ms | × LoRA "
+        "| inference GFLOP | × LoRA | peak extra MB | × LoRA |"
+    )
+    print("|---|" + "---:|" * 11)
     for r in rows:
         mem = "n/a | n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f} | {r['memory_vs_lora']:.2f}"
         print(
             f"| {r['variant']} | {r['trainable_params']:,} | {r['train_step_s'] * 1e3:.1f} | {r['train_vs_lora']:.2f} "
-            f"| {r['inference_s'] * 1e3:.1f} | {r['inference_vs_lora']:.2f} | {mem} |"
+            f"| {r['train_gflop']:.2f} | {r['train_flops_vs_lora']:.2f} | {r['inference_s'] * 1e3:.1f} "
+            f"| {r['inference_vs_lora']:.2f} | {r['inference_gflop']:.2f} | {r['inference_flops_vs_lora']:.2f} "
+            f"| {mem} |"
         )
 
 

@@ -26,6 +26,11 @@ def test_quick_run_writes_ratios_to_lora_and_prints_the_table(tmp_path):
     assert result["rows"][0]["train_vs_lora"] == 1.0
     assert result["rows"][1]["train_step_s"] > 0
     assert result["rows"][1]["inference_s"] > 0
+    lora, gnnmoe = result["rows"]
+    assert lora["train_flops_vs_lora"] == 1.0
+    assert lora["train_gflop"] > lora["inference_gflop"] > 0  # a training step also runs the backward pass
+    assert gnnmoe["train_gflop"] > lora["train_gflop"]  # the experts and the router add matmuls
+    assert gnnmoe["inference_flops_vs_lora"] == gnnmoe["inference_gflop"] / lora["inference_gflop"]
     assert len(result["loadavg_start"]) == 3
     assert "| gnnmoe-gcn |" in stdout
     assert "load average at end" in stdout
