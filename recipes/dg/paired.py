@@ -20,14 +20,17 @@ def reference_methods(methods: list[str]) -> list[str]:
     return [m for m in methods if m.startswith(GRAPH_ROUTED) and m != "gnnmoe-linear"]
 
 
-def paired_differences(results: list[dict], methods: list[str], level: float = 0.95) -> list[dict]:
-    """For every graph-routed GNN-MoE method and every other method: test accuracy difference in points over the
-    common (test_env, trial) pairs, its mean, ``level`` t-interval (None for a single pair) and the pairs won."""
+def paired_differences(
+    results: list[dict], methods: list[str], level: float = 0.95, references: list[str] | None = None
+) -> list[dict]:
+    """For every reference method (default: the graph-routed GNN-MoE methods) and every other method: test accuracy
+    difference in points over the common (test_env, trial) pairs, its mean, ``level`` t-interval (None for a single
+    pair) and the pairs won."""
     acc = defaultdict(dict)
     for r in results:
         acc[r["method"]][(r["test_env"], r["trial"])] = 100 * r["test_acc"]
     rows = []
-    for ref in reference_methods(methods):
+    for ref in reference_methods(methods) if references is None else references:
         for other in methods:
             keys = sorted(set(acc[ref]) & set(acc[other]))
             if other == ref or not keys:

@@ -308,3 +308,32 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
             assert rec["env0_in_n"] == 11
             assert rec["env1_out_n"] == 3
             assert rec["env2_out_n"] == 3
+
+
+def test_compare_pairs_runs_of_several_output_folders(tiny, tmp_path, one_thread):
+    from recipes.dg import compare
+
+    common = ["--router", "gcn", "--steps", "2", "--eval_every", "2", "--trial_seeds", "0", "1"]
+    common += ["--routing_images", "0", "--jobs", "1"]
+    train.main(_args(tiny, tmp_path / "a", "--method", "gnnmoe", "lora", *common))
+    train.main(_args(tiny, tmp_path / "b", "--method", "gnnmoe", "--graph", "radius", *common))
+    specs = [f"knn+grid={tmp_path / 'a'}:gnnmoe-gcn", f"radius={tmp_path / 'b'}", f"lora={tmp_path / 'a'}:lora"]
+    table = compare.main([*specs, "--output", str(tmp_path / "cmp")])
+    assert list(table["methods"]) == ["knn+grid", "radius", "lora"]
+    assert table["domains"] == list(DOMAIN_SIZES)
+
+    def accuracies(folder, method):
+        runs = (tmp_path / folder / "runs" / method).glob("*/result.json")
+        return {p.parent.name: 100 * json.loads(p.read_text())["test_acc"] for p in runs}
+
+    reference = accuracies("a", "gnnmoe-gcn")
+    for row, (folder, method) in zip(table["paired"], [("b", "gnnmoe-gcn"), ("a", "lora")]):
+        other = accuracies(folder, method)
+        assert row["minus"] == "knn+grid" and row["pairs"] == 6 == len(other)
+        assert np.isclose(row["mean"], np.mean([other[k] - reference[k] for k in other]))
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["reference"] == "knn+grid"
+    assert "| radius | knn+grid |" in (tmp_path / "cmp" / "compare.md").read_text()
+    with pytest.raises(ValueError, match="holds methods"):
+        compare.main([f"x={tmp_path / 'a'}", specs[1], "--output", str(tmp_path / "cmp")])
+    with pytest.raises(ValueError, match="no runs of 'lokr'"):
+        compare.main([f"x={tmp_path / 'a'}:lokr", specs[1], "--output", str(tmp_path / "cmp")])
