@@ -128,7 +128,8 @@ def _cell(value: dict, digits: int) -> str:
 
 
 def plot_sweep(summary: dict, path: Path) -> None:
-    """Validation loss, test WER and the largest activation against λ (λ = 0 drawn at the left edge)."""
+    """Validation loss, test WER, mean cosine to BOS and the largest activation against λ (log axis, λ = 0 at the
+    left edge), ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,15 +139,23 @@ def plot_sweep(summary: dict, path: Path) -> None:
     positive = [c["decor_weight"] for c in cells if c["decor_weight"] > 0]
     zero_at = min(positive) / 10 if positive else 1.0
     xs = [c["decor_weight"] or zero_at for c in cells]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, field, label in zip(
-        axes, ("val_loss", "wer", "top_activation"), ("validation loss", "test WER %", "top |h| (any layer)")
-    ):
-        means = [c[field]["mean"] for c in cells]
-        ax.errorbar(xs, means, yerr=[c[field]["std"] for c in cells], marker="o", capsize=3)
+    panels = (
+        ("val_loss", "validation loss (CE)"),
+        ("wer", "test WER %"),
+        ("mean_bos_cosine", "mean cos(h[BOS], h[t])"),
+        ("top_activation", "top |h| (any layer)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.5))
+    for ax, (field, label) in zip(axes, panels):
+        ax.errorbar(
+            xs, [c[field]["mean"] for c in cells], yerr=[c[field]["std"] for c in cells], marker="o", capsize=3
+        )
         ax.axvline(summary["chosen"] or zero_at, color="tab:green", ls=":", label=f"chosen λ={summary['chosen']:g}")
-        ax.set(xscale="log", xlabel=f"λ (λ=0 drawn at {zero_at:g})", ylabel=label, title=label)
+        ax.set(xscale="log", xlabel="λ", ylabel=label, title=label)
+        ax.set_xticks(xs, [f"{c['decor_weight']:g}" for c in cells])
+        ax.minorticks_off()
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"decorrelation weight sweep, rate {summary['rate']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
