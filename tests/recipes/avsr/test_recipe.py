@@ -291,3 +291,20 @@ def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
 def test_bad_decor_sweep_options_are_refused(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         main(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr"] + extra)
+
+
+def test_decor_sweep_chooses_on_the_mean_over_seeds():
+    from recipes.avsr.decor_sweep import summarise_sweep
+
+    def row(seed, weight, val):
+        stats = dict(wer=10.0, mean_bos_cosine=0.5, top_activation=1.0, massive_activations=0, layers_with_sinks=0)
+        return {"seed": seed, "rate": 16, "decor_weight": weight, "val_loss": val, **stats}
+
+    # seed 0 alone would choose 1.0; the mean over both seeds chooses 0.1
+    rows = [row(0, 0.1, 0.30), row(0, 1.0, 0.20), row(1, 0.1, 0.10), row(1, 1.0, 0.40)]
+    summary = summarise_sweep(rows)
+    assert summary["chosen"] == 0.1
+    cell = summary["cells"][0]
+    assert cell["seeds"] == [0, 1] and cell["val_loss"]["n"] == 2
+    assert abs(cell["val_loss"]["mean"] - 0.2) < 1e-12 and abs(cell["val_loss"]["std"] - 0.1414213562) < 1e-9
+    assert summarise_sweep([row(0, 0.0, 0.2), row(0, 1.0, 0.2)])["chosen"] == 0.0  # a tie: the smaller lambda
