@@ -47,7 +47,8 @@ def run_decor_sweep(
             )
             batch, segments = analysis_batch(model, splits["test"], config.loader, extractor)
             stats = sink_analysis(model, batch, segments, config.sinks, run_dir / "plots", tag)
-            val = _final_validation_loss(run_dir)
+            # train_log.json is written by the main process only (the other processes' rows are never used)
+            val = _final_validation_loss(run_dir) if accelerator.is_main_process else None
             rows.append(
                 {
                     "seed": seed,
