@@ -312,7 +312,13 @@ class RunConfig:
 
 
 def check_sweep_options(args: argparse.Namespace) -> None:
-    """``--decor_weights`` belongs to ``--experiment decor_sweep``, which needs distinct lambdas >= 0 and one seed."""
+    """``--decor_weights`` belongs to ``--experiment decor_sweep``, which needs two or more distinct lambdas >= 0 and
+    sets the loss weight of each run itself (so a single ``--decor_weight`` would be ignored: refused)."""
+    if args.experiment == "decor_sweep" and args.decor_weight:
+        raise ValueError(
+            "--experiment decor_sweep trains one run per --decor_weights lambda; --decor_weight would be ignored: "
+            "drop it, or list it in --decor_weights"
+        )
     if args.decor_weights is None:
         return
     if args.experiment != "decor_sweep":

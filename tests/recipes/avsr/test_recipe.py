@@ -286,6 +286,7 @@ def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
         (["--decor_weights", "0", "1"], "--experiment decor_sweep"),
         (["--experiment", "decor_sweep", "--decor_weights", "0", "-1"], "distinct finite lambdas"),
         (["--experiment", "decor_sweep", "--decor_weights", "1", "1"], "distinct finite lambdas"),
+        (["--experiment", "decor_sweep", "--decor_weight", "0.5"], "would be ignored"),
     ],
 )
 def test_bad_decor_sweep_options_are_refused(tmp_path, extra, message):
