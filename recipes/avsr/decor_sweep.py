@@ -60,6 +60,7 @@ def run_decor_sweep(
                     "top_activation": stats["top_activation"],
                     "massive_activations": stats["massive_activations"],
                     "layers_with_sinks": stats["layers_with_intermediate_sinks"],
+                    "massive_tokens_by_segment": stats["massive_tokens_by_segment"],
                 }
             )
             log(f"[decor_sweep] seed {seed} λ={weight:g}: validation loss {val}, test WER {res['test']['wer']:.2f}%")

@@ -266,6 +266,7 @@ def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
     assert saved == json.loads(json.dumps(summary))
     assert [c["decor_weight"] for c in saved["cells"]] == [0.0, 0.5, 50.0]
     assert {r["rate"] for r in saved["rows"]} == {4}  # the high rate
+    assert all(isinstance(r["massive_tokens_by_segment"], dict) for r in saved["rows"])
     losses = {r["decor_weight"]: r["val_loss"] for r in saved["rows"]}
     assert saved["chosen"] == min(losses, key=losses.get)
     assert len(set(losses.values())) == 3  # each lambda trained its own model
