@@ -10,17 +10,16 @@ next to it but play no part in the choice. Writes ``decor_sweep/sweep.json``, ``
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from accelerate import Accelerator
 
 from .config import RunConfig
-from .data.collate import matching_video_rate
 from .data.lrs3 import Utterance
 from .loop import Log, run
-from .sink_stats import analysis_batch, sink_analysis
+from .sink_stats import analysis_batch, mean_std, sink_analysis
+from .sinks import rate_overrides
 
 _REPORTED = ("val_loss", "wer", "mean_bos_cosine", "top_activation", "massive_activations", "layers_with_sinks")
 
@@ -31,9 +30,7 @@ def run_decor_sweep(
     """Train and analyse one model per (seed, λ); returns the summary (main process) with the ``chosen`` λ."""
     modality = config.modalities[0]
     rate = config.sinks.rates[1]
-    rates = {"video_rate": rate} if modality == "vsr" else {"audio_rate": rate}
-    if modality == "avsr":
-        rates["video_rate"] = matching_video_rate(rate)
+    rates = rate_overrides(modality, rate)
     out = config.output_dir / "decor_sweep"
     seeds = config.seeds or (config.seed,)
     rows = []
@@ -94,12 +91,7 @@ def summarise_sweep(rows: list[dict]) -> dict:
         group = [r for r in rows if r["decor_weight"] == weight]
         cell = {"decor_weight": weight, "seeds": [r["seed"] for r in group]}
         for field in _REPORTED:
-            values = [float(r[field]) for r in group]
-            cell[field] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "n": len(values),
-            }
+            cell[field] = mean_std([float(r[field]) for r in group])
         cells.append(cell)
     chosen = min(cells, key=lambda c: (c["val_loss"]["mean"], c["decor_weight"]))["decor_weight"]
     return {"rate": rows[0]["rate"], "chosen": chosen, "cells": cells, "rows": rows}

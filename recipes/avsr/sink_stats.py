@@ -116,6 +116,15 @@ def non_bos_massive_tokens(row: dict) -> int:
     return sum(v for k, v in row["massive_tokens_by_segment"].items() if k != "bos")
 
 
+def mean_std(values: list[float]) -> dict:
+    """``{"mean", "std", "n"}`` of ``values`` over seeds (sample std; 0 for a single value)."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
 def summarise_cells(rows: list[dict]) -> list[dict]:
     """One entry per (rate, stage, λ) with ``{field: {"mean", "std", "n"}}`` over its seeds (sample std)."""
     cells: dict[tuple, list[dict]] = {}
@@ -127,10 +136,6 @@ def summarise_cells(rows: list[dict]) -> list[dict]:
         for field in SUMMARISED:
             values = [non_bos_massive_tokens(r) if field == "non_bos_massive_tokens" else r.get(field) for r in group]
             if all(v is not None for v in values):
-                entry[field] = {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "n": len(values),
-                }
+                entry[field] = mean_std(values)
         out.append(entry)
     return out

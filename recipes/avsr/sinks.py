@@ -36,9 +36,7 @@ def run_sink_experiment(
         seeded = replace(config, seed=seed)
         base = out / f"seed_{seed}" if config.seeds else out
         for rate in config.sinks.rates:
-            rates = {"video_rate": rate} if modality == "vsr" else {"audio_rate": rate}
-            if modality == "avsr":
-                rates["video_rate"] = matching_video_rate(rate)  # video tokens at (about) the audio tokens' rate
+            rates = rate_overrides(modality, rate)
             set_seed(seed)  # the same initial projectors as the trained runs of this seed start from
             untrained, extractor = build_model(replace(config.model, decor_weight=0.0, **rates), modality)
             untrained.to(accelerator.device)
@@ -79,6 +77,15 @@ def run_sink_experiment(
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plot_summary(rows, out / "plots" / "summary.png")
     log(table.rstrip("\n"))
+
+
+def rate_overrides(modality: str, rate: int) -> dict[str, int]:
+    """The ``ModelConfig`` rates that put the analysed modality at ``rate`` frames per LLM token (audio for asr and
+    avsr, video for vsr; avsr's video at about the audio tokens' rate)."""
+    rates = {"video_rate": rate} if modality == "vsr" else {"audio_rate": rate}
+    if modality == "avsr":
+        rates["video_rate"] = matching_video_rate(rate)
+    return rates
 
 
 def _cell(entry: dict, field: str, digits: int) -> str:

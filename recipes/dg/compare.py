@@ -54,7 +54,7 @@ def compare(specs: list[str], output: Path) -> dict:
     domains_by_env = {r["test_env"]: r["test_domain"] for r in results}
     domains = [domains_by_env.get(e, f"env{e}") for e in range(max(domains_by_env) + 1)]
     reference = labels[0]
-    paired = [row for row in paired_differences(results, labels, references=labels[1:]) if row["minus"] == reference]
+    paired = paired_differences(results, [reference], references=labels[1:])  # every other label minus the first
     table = aggregate(results, domains, labels) | {"paired": paired, "reference": reference}
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.json").write_text(json.dumps(table, indent=2))
