@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from recipes.common.intervals import mean_and_interval
+
 from .config import SinkConfig
 from .data.loader import LoaderConfig, make_loader
 from .data.lrs3 import Utterance
@@ -138,4 +140,26 @@ def summarise_cells(rows: list[dict]) -> list[dict]:
             if all(v is not None for v in values):
                 entry[field] = mean_std(values)
         out.append(entry)
+    return out
+
+
+PAIRED = ("wer", "mean_bos_cosine", "layers_with_intermediate_sinks", "top_activation", "massive_activations")
+
+
+def paired_by_seed(rows: list[dict], fields: tuple[str, ...] = PAIRED) -> list[dict]:
+    """Per rate, λ > 0 and field: the trained run with the loss minus the one without, paired by seed (the same
+    initial projectors, LoRA and batches), with the mean and its 95% t-interval (None for one seed)."""
+    trained: dict[tuple, dict] = {
+        (r["rate"], r["decor_weight"], r["seed"]): r for r in rows if r["stage"] == "trained"
+    }
+    out = []
+    for rate, weight in sorted({(k[0], k[1]) for k in trained if k[1]}):
+        seeds = sorted(k[2] for k in trained if k[:2] == (rate, weight) and (rate, 0.0, k[2]) in trained)
+        for field in fields:
+            diffs = [trained[rate, weight, s][field] - trained[rate, 0.0, s][field] for s in seeds]
+            if not diffs:
+                continue
+            mean, interval = mean_and_interval(diffs)
+            entry = {"rate": rate, "decor_weight": weight, "field": field, "seeds": seeds, "diffs": diffs}
+            out.append(entry | {"mean": mean, "interval": interval})
     return out

@@ -16,7 +16,7 @@ from .config import RunConfig
 from .data.collate import matching_video_rate
 from .data.lrs3 import Utterance
 from .loop import Log, run
-from .sink_stats import analysis_batch, sink_analysis, summarise_cells
+from .sink_stats import analysis_batch, paired_by_seed, sink_analysis, summarise_cells
 
 
 def run_sink_experiment(
@@ -69,14 +69,23 @@ def run_sink_experiment(
                 )
     if not accelerator.is_main_process:
         return
+    table = write_report(rows, out, modality, config.model.projector, weight, config.model.llm)
+    log(table.rstrip("\n"))
+
+
+def write_report(rows: list[dict], out: Path, modality: str, projector: str, weight: float, llm: str) -> str:
+    """Write ``sinks.json`` (every row), ``summary.json`` (mean ± std per cell and the paired differences),
+    ``sinks.md`` and ``plots/summary.png`` into ``out``; returns the markdown."""
     summary = summarise_cells(rows)
+    paired = paired_by_seed(rows)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "sinks.json").write_text(json.dumps(rows, indent=1))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    table = sinks_table(summary, modality, config.model.projector, weight, config.model.llm)
+    (out / "summary.json").write_text(json.dumps({"cells": summary, "paired": paired}, indent=1))
+    table = sinks_table(summary, modality, projector, weight, llm) + "\n" + paired_table(paired)
     (out / "sinks.md").write_text(table)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plot_summary(rows, out / "plots" / "summary.png")
-    log(table.rstrip("\n"))
+    return table
 
 
 def rate_overrides(modality: str, rate: int) -> dict[str, int]:
@@ -123,6 +132,32 @@ def sinks_table(summary: list[dict], modality: str, projector: str, weight: floa
             _cell(e, "non_bos_massive_tokens", 1),
         ]
         lines.append(f"| {e['rate']} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAIRED_LABELS = {
+    "wer": ("WER (points)", 2),
+    "mean_bos_cosine": ("mean BOS-cosine", 3),
+    "layers_with_intermediate_sinks": ("layers with an intermediate sink", 1),
+    "top_activation": ("top |activation|", 0),
+    "massive_activations": ("massive entries", 1),
+}
+
+
+def paired_table(paired: list[dict]) -> str:
+    """The paired differences (with the loss minus without, by seed) as a markdown table."""
+    lines = [
+        "With the loss minus without, paired by seed (mean, 95% t-interval over the seeds; one value per seed):",
+        "",
+        "| rate | λ | measure | mean | 95% interval | per seed |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for p in paired:
+        label, digits = PAIRED_LABELS.get(p["field"], (p["field"], 3))
+        interval = "–" if p["interval"] is None else "[" + ", ".join(f"{v:+.{digits}f}" for v in p["interval"]) + "]"
+        per_seed = " / ".join(f"{d:+.{digits}f}" for d in p["diffs"])
+        cells = [str(p["rate"]), f"{p['decor_weight']:g}", label.replace("|", "\\|"), f"{p['mean']:+.{digits}f}"]
+        lines.append("| " + " | ".join([*cells, interval, per_seed]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> dict:
     ``--experiment decor_sweep``)."""
     config = resolve_config(parse_args(argv))
     accelerator = make_accelerator(config.grad_accum, config.mixed_precision)
+    results = _run_recipe(config, accelerator)
+    accelerator.wait_for_everyone()  # every rank done, then the process group torn down, not left to interpreter exit
+    accelerator.end_training()
+    return results
+
+
+def _run_recipe(config: RunConfig, accelerator) -> dict:
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
 

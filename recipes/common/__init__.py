@@ -1,1 +1,1 @@
-"""Pieces both recipes use: atomic checkpoints with a limit and resumption."""
+"""Pieces both recipes use: atomic checkpoints with a limit and resumption, paired-difference intervals."""

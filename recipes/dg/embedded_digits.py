@@ -79,7 +79,10 @@ def build_mnist_m(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     for digit in x:
         photo = photos[rng.integers(len(photos))]
         h, w = photo.shape[:2]
-        side = int(rng.integers(size, min(h, w) // 3 + 1))  # zoom into the photo so the crop has texture, not flat sky
+        # zoom into the photo so the crop has texture, not flat sky; a crop is never smaller than the image (up to a
+        # third of the photo: larger image sizes upsample the crop)
+        zoom = min(h, w) // 3
+        side = int(rng.integers(min(size, zoom), zoom + 1))
         top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
         crop = _resize(np.ascontiguousarray(photo[top : top + side, left : left + side]), size).astype(np.int16)
         digit3 = _gray_to_rgb(_resize(digit, size)).astype(np.int16)

@@ -7,10 +7,9 @@ than two overlapping mean ± std columns.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
-from scipy import stats
+from recipes.common.intervals import mean_and_interval
 
 GRAPH_ROUTED = "gnnmoe-"  # method names of GNN-MoE runs; gnnmoe-linear is the token-router ablation, not a reference
 
@@ -36,14 +35,11 @@ def paired_differences(
             if other == ref or not keys:
                 continue
             diffs = [acc[ref][k] - acc[other][k] for k in keys]
-            n, mean = len(diffs), sum(diffs) / len(diffs)
-            interval = None
-            if n > 1:
-                sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-                half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-                interval = [mean - half, mean + half]
+            mean, interval = mean_and_interval(diffs, level)
             wins = sum(d > 0 for d in diffs)
-            rows.append({"method": ref, "minus": other, "pairs": n, "mean": mean, "interval": interval, "wins": wins})
+            rows.append(
+                {"method": ref, "minus": other, "pairs": len(diffs), "mean": mean, "interval": interval, "wins": wins}
+            )
     return rows
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recipes.avsr import sink_stats
 from recipes.avsr.data.lrs3 import read_manifest
 from recipes.avsr.data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from recipes.avsr.train import main
@@ -144,13 +145,21 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     before = [r for r in rows if r["stage"] == "before" and r["rate"] == 2]
     assert before[0]["mean_bos_cosine"] != before[1]["mean_bos_cosine"]  # each seed's own initial projectors
     summary = json.loads((out / "sinks" / "summary.json").read_text())
-    assert [(e["rate"], e["decor_weight"]) for e in summary] == [(2, None), (2, 0.0), (2, 0.5), (4, None), (4, 0.0),
-                                                                 (4, 0.5)]  # fmt: skip
+    cells_summary = summary["cells"]
+    assert [(e["rate"], e["decor_weight"]) for e in cells_summary] == [(2, None), (2, 0.0), (2, 0.5), (4, None),
+                                                                       (4, 0.0), (4, 0.5)]  # fmt: skip
     plain = [r["wer"] for r in rows if (r["rate"], r["decor_weight"]) == (2, 0.0)]
-    assert summary[1]["wer"]["n"] == 2 and abs(summary[1]["wer"]["mean"] - sum(plain) / 2) < 1e-9
-    table = (out / "sinks" / "sinks.md").read_text()
+    assert cells_summary[1]["wer"]["n"] == 2 and abs(cells_summary[1]["wer"]["mean"] - sum(plain) / 2) < 1e-9
+    with_loss = [r["wer"] for r in rows if (r["rate"], r["decor_weight"]) == (2, 0.5)]
+    paired_wer = next(p for p in summary["paired"] if (p["rate"], p["field"]) == (2, "wer"))
+    assert paired_wer["seeds"] == [0, 1] and paired_wer["diffs"] == [a - b for a, b in zip(with_loss, plain)]
+    low, high = paired_wer["interval"]
+    assert low <= paired_wer["mean"] <= high
+    assert {(p["rate"], p["field"]) for p in summary["paired"]} >= {(4, "wer"), (4, "massive_activations")}
+    table, paired_md = (out / "sinks" / "sinks.md").read_text().split("With the loss minus without")
     assert table.count("\n| ") == 7  # header + six cells
     assert "| 2 | before fine-tuning | – |" in table and " ± " in table
+    assert paired_md.count("\n| 2 | 0.5 | ") == paired_md.count("\n| 4 | 0.5 | ") == len(sink_stats.PAIRED)
     plots = {p.name for p in (out / "sinks" / "plots").glob("*.png")}
     assert "summary.png" in plots
     seed_plots = {p.name for p in (out / "sinks" / "seed_1" / "plots").glob("*.png")}

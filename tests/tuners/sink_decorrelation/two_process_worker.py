@@ -82,6 +82,9 @@ def main(path: str, weight: float) -> None:
     if trainer.args.process_index == 0:
         names = sorted(grab.grads)
         save_file({n.removeprefix("module."): grab.grads[n].contiguous() for n in names}, path)
+    if torch.distributed.is_initialized():  # explicit teardown: left to interpreter exit, gloo can abort a rank
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

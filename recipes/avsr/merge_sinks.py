@@ -1,0 +1,78 @@
+"""``python -m recipes.avsr.merge_sinks RUN [RUN ...] --output DIR``: one sink-experiment report from the seeds of
+several runs of ``--experiment sinks`` (for example one seed per process, side by side), as if one ``--seeds`` run
+had made them.
+
+Each RUN is a recipe ``--output_dir`` (or its ``sinks/`` folder). Its rows are read from ``sinks/sinks.json``; every
+trained cell's ``results.json`` must agree across runs on the settings the table depends on (modality, rates,
+projector, λ, LLM, steps, learning rate), and a (seed, cell) may come from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .sinks import write_report
+
+SETTINGS = ("modality", "audio_rate", "video_rate", "projector", "decor_weight", "llm")
+TRAINING = ("steps", "lr")
+
+
+def sinks_dir(run: Path) -> Path:
+    """The ``sinks/`` folder of a run's output dir (or the folder itself if it is one)."""
+    for candidate in (run / "sinks", run):
+        if (candidate / "sinks.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{run}: no sinks/sinks.json; pass the --output_dir of a finished --experiment sinks run")
+
+
+def cell_settings(folder: Path, row: dict) -> dict:
+    """The settings of a trained row, from its cell's ``results.json`` (``seed_<S>/<tag>/`` or ``<tag>/``)."""
+    for cell in (folder / f"seed_{row['seed']}" / row["tag"], folder / row["tag"]):
+        if (cell / "results.json").is_file():
+            results = json.loads((cell / "results.json").read_text())
+            return {k: results.get(k) for k in SETTINGS} | {k: results["training"].get(k) for k in TRAINING}
+    raise FileNotFoundError(f"{folder}: no results.json for seed {row['seed']}, {row['tag']}")
+
+
+def merge(runs: list[Path]) -> tuple[list[dict], dict[str, dict]]:
+    """Every run's rows (in the order given) and the settings of each trained cell; raises on a (seed, cell) that
+    two runs both have, and on a cell whose settings differ between runs."""
+    rows: list[dict] = []
+    owner: dict[tuple, Path] = {}
+    settings: dict[str, tuple[dict, Path]] = {}
+    for run in runs:
+        folder = sinks_dir(run)
+        for row in json.loads((folder / "sinks.json").read_text()):
+            key = (row["seed"], row["tag"])
+            if key in owner:
+                raise ValueError(f"seed {key[0]}, {key[1]} is in both {owner[key]} and {run}: merge distinct seeds")
+            owner[key] = run
+            rows.append(row)
+            if row["stage"] != "trained":
+                continue
+            found = cell_settings(folder, row)
+            first, where = settings.setdefault(row["tag"], (found, run))
+            differ = {k: (first[k], found[k]) for k in found if found[k] != first[k]}
+            if differ:
+                raise ValueError(f"{row['tag']} was run with other settings in {where} and {run}: {differ}")
+    return rows, {tag: s for tag, (s, _) in settings.items()}
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m recipes.avsr.merge_sinks", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="output dirs of finished --experiment sinks runs")
+    p.add_argument("--output", type=Path, required=True, help="where sinks.json, summary.json, sinks.md, plots go")
+    args = p.parse_args(argv)
+    rows, settings = merge(args.runs)
+    any_cell = next(iter(settings.values()))
+    weights = sorted({s["decor_weight"] for s in settings.values()} - {0.0})
+    weight = weights[0] if len(weights) == 1 else ", ".join(map(str, weights))
+    table = write_report(rows, args.output, any_cell["modality"], any_cell["projector"], weight, any_cell["llm"])
+    print(table, end="")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""``python -m recipes.avsr.merge_sinks``: one report from sink-experiment runs made one seed per process."""
+
+import json
+
+import pytest
+
+from recipes.avsr.merge_sinks import main as merge_main
+from recipes.avsr.train import main
+
+from .test_recipe import SMALL
+
+
+def _sink_run(out, seed: int, steps: int = 1, models_from=None) -> None:
+    """One seed of the sink experiment; ``models_from``: a run whose stand-in models this one loads (the same LLM)."""
+    models = []
+    if models_from is not None:
+        models = [f"--{m}={models_from / 'base_models' / m}" for m in ("llm", "audio_encoder")]
+    main(SMALL + models + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr",
+                           "--sink_rates", "2", "4", "--decor_weight", "0.5", "--max_steps", str(steps),
+                           "--no-eval_untrained", "--seeds", str(seed)])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sink_runs")
+    _sink_run(root / "seed0", 0)
+    _sink_run(root / "seed1", 1, models_from=root / "seed0")
+    return root
+
+
+def test_merging_runs_of_one_seed_each_reports_every_seed(runs, tmp_path):
+    table = merge_main([str(runs / "seed0"), str(runs / "seed1" / "sinks"), "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "sinks.json").read_text())
+    own = [json.loads((runs / f"seed{s}" / "sinks" / "sinks.json").read_text()) for s in (0, 1)]
+    assert rows == own[0] + own[1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert all(cell["seeds"] == [0, 1] for cell in summary["cells"])
+    wer = {(r["seed"], r["decor_weight"]): r["wer"] for r in rows if r["stage"] == "trained"}
+    paired = next(p for p in summary["paired"] if p["field"] == "wer")
+    assert paired["diffs"] == [wer[s, 0.5] - wer[s, 0.0] for s in (0, 1)] and paired["interval"] is not None
+    assert " ± " in table and (tmp_path / "plots" / "summary.png").stat().st_size > 0
+
+
+def test_merging_one_run_reproduces_its_own_report(runs, tmp_path):
+    merge_main([str(runs / "seed0"), "--output", str(tmp_path)])
+    assert (tmp_path / "sinks.md").read_text() == (runs / "seed0" / "sinks" / "sinks.md").read_text()
+    assert (tmp_path / "summary.json").read_text() == (runs / "seed0" / "sinks" / "summary.json").read_text()
+
+
+def test_a_seed_in_two_runs_is_refused(runs, tmp_path):
+    with pytest.raises(ValueError, match="seed 0, asr_rate2_before is in both"):
+        merge_main([str(runs / "seed0"), str(runs / "seed0"), "--output", str(tmp_path)])
+
+
+def test_runs_with_other_settings_are_refused(runs, tmp_path):
+    _sink_run(tmp_path / "longer", 2, steps=2, models_from=runs / "seed0")
+    with pytest.raises(ValueError, match=r"asr_rate2_decor0 was run with other settings .*'steps': \(1, 2\)"):
+        merge_main([str(runs / "seed0"), str(tmp_path / "longer"), "--output", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()  # nothing written
+
+
+def test_a_folder_without_a_sink_run_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no sinks/sinks.json"):
+        merge_main([str(tmp_path / "empty"), "--output", str(tmp_path / "merged")])
