@@ -213,8 +213,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_control_options(p)
     add_real_options(p)
     args = p.parse_args(argv)
-    if args.modality is None:
-        args.modality = ["asr"] if args.real else ["asr", "vsr", "avsr"]
+    if args.modality is None:  # an experiment analyses one modality: asr unless one is named
+        args.modality = ["asr"] if args.real or args.experiment != "none" else ["asr", "vsr", "avsr"]
+    elif args.experiment != "none" and len(args.modality) > 1:
+        p.error(
+            f"--experiment {args.experiment} analyses one modality, got --modality {' '.join(args.modality)}: "
+            "run it once per modality"
+        )
     return args
 
 

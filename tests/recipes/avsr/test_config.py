@@ -98,3 +98,12 @@ def test_the_llama_avsr_lora_preset():
     assert config.model.lora_alpha == 8
     assert config.model.lora_dropout == 0.0
     assert resolve_config(parse_args(["--lora_preset", "llama_avsr", "--lora_r", "16"])).model.lora_r == 16
+
+
+@pytest.mark.parametrize("experiment", ["sinks", "decor_sweep"])
+def test_an_experiment_analyses_one_modality(experiment, capsys):
+    assert resolve_config(parse_args(["--experiment", experiment])).modalities == ("asr",)
+    assert resolve_config(parse_args(["--experiment", experiment, "--modality", "vsr"])).modalities == ("vsr",)
+    with pytest.raises(SystemExit):
+        parse_args(["--experiment", experiment, "--modality", "asr", "vsr"])
+    assert f"--experiment {experiment} analyses one modality, got --modality asr vsr" in capsys.readouterr().err
