@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from inspect import signature
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,16 @@ def embed(model: torch.nn.Module, images: torch.Tensor, mean, std, batch_size: i
     """``[N, 2 * width]``: CLS and mean patch token of the backbone's last hidden state for uint8 ``images``."""
     backbone = model.base_model
     prefix = 1 + getattr(backbone.config, "num_register_tokens", 0)
+    # DINOv2 always interpolates its position embeddings to the input's grid; a ViT is asked to
+    extra = (
+        {"interpolate_pos_encoding": True}
+        if "interpolate_pos_encoding" in signature(backbone.forward).parameters
+        else {}
+    )
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size].float() / 255.0, mean, std)
-        hidden = backbone(pixel_values=x).last_hidden_state
+        hidden = backbone(pixel_values=x, **extra).last_hidden_state
         out.append(torch.cat([hidden[:, 0], hidden[:, prefix:].mean(1)], dim=-1).float().numpy())
     return np.concatenate(out)
 

@@ -37,3 +37,17 @@ def test_probe_command_writes_one_cell_per_size_and_block_count(tiny_dinov2, tmp
     assert cells[0]["summary"] != cells[1]["summary"]  # the block count changes the features
     assert (tmp_path / "probe.md").read_text().count("\n| ") == 4  # one row per cell
     assert (tmp_path / "probe.png").stat().st_size > 0
+
+
+def test_probe_runs_a_vit_at_another_input_size(tmp_path):
+    """A ViT checkpoint (28 px) probed at 14 px: its position embeddings are interpolated, as DINOv2's always are."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(image_size=28, patch_size=7, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    ViTModel(config).save_pretrained(tmp_path / "vit")
+    cells = probe.main(["--backbone", str(tmp_path / "vit"), "--sizes", "14", "--num_blocks", "1",
+                        "--trial_seeds", "0", "--output", str(tmp_path / "out")])  # fmt: skip
+    assert cells[0]["grid"] == 2 and cells[0]["summary"]["val"]["mean"] > 15
