@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import random
-import statistics
 from collections import Counter
 from collections.abc import Sequence
+
+from recipes.common.stats import mean_std
 
 from .data.lrs3 import normalize_text
 
@@ -66,11 +67,8 @@ def derangement(n: int, seed: int = 0) -> list[int]:
 
 
 def _mean_std(values: list[float]) -> dict:
-    return {
-        "mean": round(statistics.fmean(values), 2),
-        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
+    summary = mean_std(values)
+    return summary | {"mean": round(summary["mean"], 2), "std": round(summary["std"], 2)}
 
 
 REPORTED = {  # summary field -> how to read it from one run's results

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from recipes.common.stats import mean_std
+
 from .config import RunConfig
 from .data.lrs3 import Utterance
 from .loop import Log, run
-from .sink_stats import analysis_batch, mean_std, sink_analysis
+from .sink_stats import analysis_batch, sink_analysis
 from .sinks import rate_overrides
 
 _REPORTED = ("val_loss", "wer", "mean_bos_cosine", "top_activation", "massive_activations", "layers_with_sinks")

@@ -4,12 +4,11 @@ seeds."""
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 import torch
 
-from recipes.common.intervals import mean_and_interval
+from recipes.common.stats import mean_and_interval, mean_std
 
 from .config import SinkConfig
 from .data.loader import LoaderConfig, make_loader
@@ -118,15 +117,6 @@ def non_bos_massive_tokens(row: dict) -> int:
     return sum(v for k, v in row["massive_tokens_by_segment"].items() if k != "bos")
 
 
-def mean_std(values: list[float]) -> dict:
-    """``{"mean", "std", "n"}`` of ``values`` over seeds (sample std; 0 for a single value)."""
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
 def summarise_cells(rows: list[dict]) -> list[dict]:
     """One entry per (rate, stage, λ) with ``{field: {"mean", "std", "n"}}`` over its seeds (sample std)."""
     cells: dict[tuple, list[dict]] = {}
@@ -155,10 +145,10 @@ def paired_by_seed(rows: list[dict], fields: tuple[str, ...] = PAIRED) -> list[d
     out = []
     for rate, weight in sorted({(k[0], k[1]) for k in trained if k[1]}):
         seeds = sorted(k[2] for k in trained if k[:2] == (rate, weight) and (rate, 0.0, k[2]) in trained)
+        if not seeds:  # no run without the loss to pair with
+            continue
         for field in fields:
             diffs = [trained[rate, weight, s][field] - trained[rate, 0.0, s][field] for s in seeds]
-            if not diffs:
-                continue
             mean, interval = mean_and_interval(diffs)
             entry = {"rate": rate, "decor_weight": weight, "field": field, "seeds": seeds, "diffs": diffs}
             out.append(entry | {"mean": mean, "interval": interval})

@@ -1,1 +1,1 @@
-"""Pieces both recipes use: atomic checkpoints with a limit and resumption, paired-difference intervals."""
+"""Pieces both recipes use: atomic checkpoints with a limit and resumption, summaries over seeds."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from recipes.common.intervals import mean_and_interval
+from recipes.common.stats import mean_and_interval
 
 GRAPH_ROUTED = "gnnmoe-"  # method names of GNN-MoE runs; gnnmoe-linear is the token-router ablation, not a reference
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recipes.common.stats import mean_std
+
 from . import methods
 from .batches import normalize
 from .data import embedded_domains, make_split
@@ -88,10 +90,6 @@ def probe(features: list[np.ndarray], labels: list[np.ndarray], test_env: int, t
 
 def summarise(runs: list[dict], domains: list[str]) -> dict:
     """Held-out accuracy (%) per domain and on average, mean and sample std over trials."""
-
-    def mean_std(values):
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
     trials = sorted({r["trial"] for r in runs})
     per_domain = {
         d: mean_std([100 * r["test_acc"] for r in runs if r["test_env"] == i]) for i, d in enumerate(domains)
