@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.loader import LoaderConfig
+from .data.synthetic import TEXTS
 from .options import (
     REAL_AUDIO_ENCODER,
     REAL_AUDIO_WINDOW,
@@ -22,6 +23,7 @@ from .options import (
     add_real_options,
     check_checkpoints_given,
     check_control_options,
+    with_tier_defaults,
 )
 from .stand_ins import stand_in_paths
 
@@ -113,6 +115,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--corpus_train", type=int, default=1200, help="embedded corpus: training utterances")
     g.add_argument("--corpus_test", type=int, default=120, help="embedded corpus: test utterances")
+    g.add_argument(
+        "--corpus_text",
+        choices=TEXTS,
+        default=None,
+        help="embedded corpus: 'grid', six-word commands over 34 words, or 'open', natural English sentences of 4-12 "
+        "words from Debian's fortunes package (thousands of words; needs a pretrained LLM's subword tokenizer). "
+        "Default: grid, open with --real",
+    )
+    g.add_argument(
+        "--held_out_speakers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="embedded corpus: the test split is spoken by two voices training never hears (default: off, on with "
+        "--real)",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument("--llm", default=None, help="causal LM id or path (default: an embedded small Llama)")
@@ -297,6 +314,8 @@ class RunConfig:
     max_test_utts: int | None
     corpus_train: int
     corpus_test: int
+    corpus_text: str  # the embedded corpus's sentences: "grid" or "open"
+    held_out_speakers: bool  # the embedded test split in voices training never hears
     loader: LoaderConfig
     model: ModelConfig
     train: TrainConfig
@@ -313,6 +332,7 @@ class RunConfig:
     seeds: tuple[int, ...] | None = None  # --seeds: one run per seed; corpus and stand-ins of ``seed``
     swap_controls: bool = False
     swap_seed: int = 0
+    test_snrs: tuple[float, ...] = ()  # the test set decoded again with loader.test_noise at each SNR (dB)
     real_speech_test: bool = False  # also decode pocketsphinx-testdata's recorded utterances (asr)
 
 
@@ -340,6 +360,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     Without ``--data_dir`` the run uses the embedded corpus (``output_dir/corpus``) and stand-in models
     (``output_dir/base_models``, see :mod:`recipes.avsr.stand_ins`), with defaults sized for them.
     """
+    args = with_tier_defaults(args)
     embedded = args.data_dir is None
     if not embedded:
         check_checkpoints_given(args)
@@ -369,6 +390,11 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         else tuple(int(i) for i in args.decor_layers.split(","))
     )
     llm = args.llm or (REAL_LLM if args.real else None)
+    if embedded and args.corpus_text == "open" and llm is None:
+        raise ValueError(
+            "--corpus_text open has thousands of words, most of them only in the test split; the embedded stand-in "
+            "LLM's word-level tokenizer knows the training words only: pass --real or --llm <a pretrained LLM>"
+        )
     audio_encoder = args.audio_encoder or (REAL_AUDIO_ENCODER if args.real else None)
     model = ModelConfig(
         llm=llm or (str(stand_ins["llm"]) if embedded else None),
@@ -401,7 +427,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         num_workers=args.num_workers,
         test_snr_db=args.decode_snr_target,
         test_noise=args.decode_noise,
-        train_snr_range=tuple(args.train_snr_range) if args.train_snr_range else None,
+        train_snr_range=args.train_snr_range,
         time_mask=args.time_mask,
     )
     train = TrainConfig(
@@ -438,6 +464,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         max_test_utts=args.max_test_utts,
         corpus_train=args.corpus_train,
         corpus_test=args.corpus_test,
+        corpus_text=args.corpus_text,
+        held_out_speakers=args.held_out_speakers,
         loader=loader,
         model=model,
         train=train,
@@ -454,5 +482,6 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         seeds=tuple(args.seeds) if args.seeds else None,
         swap_controls=args.swap_controls,
         swap_seed=args.swap_seed,
+        test_snrs=args.test_snrs,
         real_speech_test=args.real if args.real_speech_test is None else args.real_speech_test,
     )

@@ -93,8 +93,16 @@ def seed_summary(runs: list[dict]) -> dict[str, dict]:
             values = [read(r) for r in rows]
             if all(v is not None for v in values):
                 entry[field] = _mean_std(values)
+        measured = [set(r.get("test_by_snr", {}).get("snr_db", {})) for r in rows]  # --test_snrs
+        for snr in sorted(set.intersection(*measured), key=float, reverse=True):
+            entry[snr_field(snr)] = _mean_std([r["test_by_snr"]["snr_db"][snr]["wer"] for r in rows])
         summary[modality] = entry
     return summary
+
+
+def snr_field(snr: str) -> str:
+    """The summary field of the test WER at ``snr`` dB (``--test_snrs``)."""
+    return f"wer_at_{snr}_db"
 
 
 def seed_table(summary: dict[str, dict]) -> str:
@@ -103,12 +111,14 @@ def seed_table(summary: dict[str, dict]) -> str:
     def cell(entry: dict, field: str) -> str:
         return f"{entry[field]['mean']:.2f} ± {entry[field]['std']:.2f}" if field in entry else "–"
 
+    noisy = list(dict.fromkeys(f for entry in summary.values() for f in entry if f.startswith("wer_at_")))
+    headers = "".join(f" | WER at {f.removeprefix('wer_at_').removesuffix('_db')} dB %" for f in noisy)
     lines = [
         "| modality | seeds | WER % | CER % | chance WER % | WER swapped video % | WER swapped audio % "
-        "| recorded speech WER % | untrained WER % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| recorded speech WER % | untrained WER %{headers} |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(noisy),
     ]
     for modality, entry in summary.items():
-        cells = " | ".join(cell(entry, f) for f in REPORTED)
+        cells = " | ".join(cell(entry, f) for f in [*REPORTED, *noisy])
         lines.append(f"| {modality} | {', '.join(map(str, entry['seeds']))} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -231,6 +231,7 @@ def run(
     rows = decode(accelerator, model, test_loader, f"decode {modality}", skipped=skipped, **beams)
     _finish(results, rows, skipped, accelerator, run_dir, modality, log)
     _controls(results, config, accelerator, model, test_loader, train_utts, rows, skipped, log)
+    _noisy_tests(results, config, accelerator, model, extractor, splits["test"], train_utts, run_dir, log)
     _real_speech(results, config, accelerator, model, extractor, splits, run_dir, log)
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), run_dir / "final", model_config, modality)
@@ -263,6 +264,7 @@ def evaluate_final(
     rows = decode(accelerator, model, test_loader, f"decode {modality}", skipped=skipped, **beams)
     _finish(results, rows, skipped, accelerator, run_dir, modality, log)
     _controls(results, config, accelerator, model, test_loader, splits["train"], rows, skipped, log)
+    _noisy_tests(results, config, accelerator, model, extractor, splits["test"], splits["train"], run_dir, log)
     _real_speech(results, config, accelerator, model, extractor, splits, run_dir, log)
     if accelerator.is_main_process:
         _write_results(results, rows, run_dir)
@@ -286,6 +288,27 @@ def _controls(results, config: RunConfig, accelerator, model, test_loader, train
         swaps = swap_controls(accelerator, model, test_loader, modality, config.swap_seed, skipped, **beams)
         results.update(swaps)
         log(f"[{modality}] swap controls: " + ", ".join(f"{k} {v:.2f}%" for k, v in swaps.items()))
+
+
+def _noisy_tests(results, config: RunConfig, accelerator, model, extractor, test, babble_from, run_dir, log) -> None:
+    """``--test_snrs``: the test set decoded again with ``config.loader.test_noise`` at each SNR (the noise of an
+    utterance is fixed by its uid, so every model hears the same); ``results["test_by_snr"]`` and
+    ``decodes_snr_<S>.jsonl``. Video-only runs have no audio to add noise to: skipped."""
+    modality = results["modality"]
+    if not config.test_snrs or modality == "vsr":
+        return
+    beams = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+    by_snr = {}
+    for snr in config.test_snrs:
+        noisy = dataclasses.replace(config.loader, test_snr_db=snr)
+        loader = make_loader(noisy, test, modality, extractor, model.tokenizer, False, babble_from=babble_from)
+        rows = decode(accelerator, model, loader, f"decode {modality} at {snr:g} dB", **beams)
+        by_snr[f"{snr:g}"] = score(rows)
+        log(f"[{modality}] test WER at {snr:g} dB SNR ({config.loader.test_noise}): {by_snr[f'{snr:g}']['wer']:.2f}%")
+        if accelerator.is_main_process:
+            with open(run_dir / f"decodes_snr_{snr:g}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    results["test_by_snr"] = {"noise": config.loader.test_noise, "snr_db": by_snr}
 
 
 def _real_speech(results, config: RunConfig, accelerator, model, extractor, splits, run_dir: Path, log) -> None:
@@ -340,8 +363,8 @@ def results_table(results: list[dict]) -> str:
     """A markdown table of runs' results."""
     lines = [
         "| modality | audio rate | video rate | decor λ | WER % | CER % | chance WER % | WER swapped video % "
-        "| WER swapped audio % | recorded speech WER % | untrained WER % | steps | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| WER swapped audio % | recorded speech WER % | untrained WER % | WER % by SNR (dB) | steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r.get("training", {"steps": "–", "train_seconds": "–"})  # --eval_only: no training
@@ -350,9 +373,14 @@ def results_table(results: list[dict]) -> str:
             f"{r['test']['wer']:.2f} | {r['test']['cer']:.2f} | {_cell(r.get('chance', {}).get('wer'))} | "
             f"{_cell(r.get('wer_swap_video'))} | {_cell(r.get('wer_swap_audio'))} | "
             f"{_cell(r.get('real_speech', {}).get('wer'))} | {r.get('untrained', {}).get('wer', float('nan')):.2f} | "
-            f"{t['steps']} | {t['train_seconds']} |"
+            f"{_snr_cell(r)} | {t['steps']} | {t['train_seconds']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _snr_cell(result: dict) -> str:
+    by_snr = result.get("test_by_snr", {}).get("snr_db", {})
+    return ", ".join(f"{snr}: {v['wer']:.2f}" for snr, v in by_snr.items()) or "–"
 
 
 def _cell(value: float | None) -> str:

@@ -1,13 +1,23 @@
-"""The recipe's options for controls, seeds, noise, augmentation, validation and checkpoint averaging.
+"""The recipe's options for controls, seeds, noise, augmentation, validation and checkpoint averaging, and the
+real-weights tier (``--real``).
 
-All are off by default: without them a run is the same as before they existed (same batches, same WERs).
+All are off by default: without them a run is the same as before they existed (same batches, same WERs). ``--real``
+turns on babble noise in training and a WER-against-SNR sweep at test (:func:`with_tier_defaults`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from .data.augment import NOISE_TYPES
+
+REAL_TRAIN_SNR_RANGE = (-5.0, 20.0)  # --real: Llama-AVSR's babble augmentation in training
+REAL_TEST_SNRS = (10.0, 5.0, 0.0, -5.0)  # --real: the test set decoded again with babble at these SNRs
+
+
+def _db(value: float) -> str:
+    return f"{value:g}"
 
 
 def add_control_options(p: argparse.ArgumentParser) -> None:
@@ -32,16 +42,27 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--decode_noise",
         choices=NOISE_TYPES,
-        default="white",
-        help="the noise of --decode_snr_target: white, or babble (4 training utterances summed)",
+        default=None,
+        help="the noise of --decode_snr_target and --test_snrs: white, or babble (4 training utterances summed); "
+        "default white, babble with --real",
+    )
+    g.add_argument(
+        "--test_snrs",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="DB",
+        help="after the clean test set, decode it again with --decode_noise at each of these SNRs (dB): the WER "
+        f"against SNR (results.json 'test_by_snr'); default none, {' '.join(map(_db, REAL_TEST_SNRS))} with --real "
+        "(an empty list turns it off)",
     )
     g.add_argument(
         "--train_snr_range",
-        type=float,
-        nargs=2,
+        nargs="+",
         default=None,
-        metavar=("LOW", "HIGH"),
-        help="babble noise on the training audio at an SNR (dB) drawn per utterance and epoch (Llama-AVSR: -5 20)",
+        metavar="LOW HIGH | off",
+        help="babble noise on the training audio at an SNR (dB) drawn per utterance and epoch (Llama-AVSR: -5 20); "
+        f"default off, {' '.join(map(_db, REAL_TRAIN_SNR_RANGE))} with --real ('off' turns it off)",
     )
     g.add_argument(
         "--time_mask",
@@ -95,6 +116,32 @@ def add_real_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _snr_range(values: list[str] | None) -> tuple[float, float] | None:
+    if values is None or values == ["off"]:
+        return None
+    try:
+        low, high = (float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--train_snr_range takes LOW HIGH (dB) or 'off', got {' '.join(values)}") from None
+    return low, high
+
+
+def with_tier_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with the noise and corpus choices left open filled in: those of ``--real`` (babble noise
+    in training and at test, the open-vocabulary corpus with held-out voices), or the plain defaults (all off)."""
+    real = args.real
+    values = {
+        "corpus_text": args.corpus_text or ("open" if real else "grid"),
+        "held_out_speakers": real if args.held_out_speakers is None else args.held_out_speakers,
+        "train_snr_range": REAL_TRAIN_SNR_RANGE
+        if real and args.train_snr_range is None
+        else _snr_range(args.train_snr_range),
+        "test_snrs": tuple(REAL_TEST_SNRS if real and args.test_snrs is None else args.test_snrs or ()),
+        "decode_noise": args.decode_noise or ("babble" if real else "white"),
+    }
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def check_control_options(args: argparse.Namespace, cache_features: bool) -> None:
     """Raise early on combinations that cannot work (``cache_features``: the resolved choice)."""
     if (args.train_snr_range or args.time_mask) and cache_features:
@@ -104,8 +151,10 @@ def check_control_options(args: argparse.Namespace, cache_features: bool) -> Non
         )
     if args.train_snr_range and args.train_snr_range[0] > args.train_snr_range[1]:
         raise ValueError(f"--train_snr_range LOW HIGH needs LOW <= HIGH, got {args.train_snr_range}")
-    if args.decode_noise == "babble" and args.decode_snr_target is None:
-        raise ValueError("--decode_noise babble needs --decode_snr_target <dB>")
+    if args.decode_noise == "babble" and args.decode_snr_target is None and not args.test_snrs:
+        raise ValueError("--decode_noise babble needs --decode_snr_target <dB> or --test_snrs <dB> ...")
+    if any(not math.isfinite(v) for v in (*args.test_snrs, *(args.train_snr_range or ()))):
+        raise ValueError("SNRs must be finite numbers of dB (--test_snrs, --train_snr_range)")
     if args.average_last and not args.save_every:
         raise ValueError("--average_last N averages saved checkpoints: pass --save_every as well")
     if args.average_last and args.checkpoints_total_limit and args.checkpoints_total_limit < args.average_last:

@@ -97,7 +97,13 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
     if config.embedded:
         if accelerator.is_main_process:
             log(f"building the embedded corpus in {config.data_dir} (espeak-ng speech + phoneme-timed mouth video)")
-            corpus = SyntheticCorpusConfig(n_train=config.corpus_train, n_test=config.corpus_test, seed=config.seed)
+            corpus = SyntheticCorpusConfig(
+                n_train=config.corpus_train,
+                n_test=config.corpus_test,
+                seed=config.seed,
+                text=config.corpus_text,
+                held_out_speakers=config.held_out_speakers,
+            )
             build_synthetic_corpus(config.data_dir, corpus)
         accelerator.wait_for_everyone()
     if not config.embedded:

@@ -1,9 +1,10 @@
 """The embedded corpus of the AVSR recipe: espeak-ng speech and a phoneme-timed mouth video, in the auto_avsr layout.
 
-The corpus (:func:`build_synthetic_corpus`) is GRID-like: six-word commands from a 34-word vocabulary, spoken by
-espeak-ng voices (real synthesized speech) with a grayscale mouth-region video whose lip shapes follow the phoneme
-timings espeak-ng reports, so both the audio and the lips carry the words. It is written in the auto_avsr layout and
-read back through the same loader as LRS3.
+The corpus (:func:`build_synthetic_corpus`) is GRID-like by default: six-word commands from a 34-word vocabulary,
+spoken by espeak-ng voices (real synthesized speech) with a grayscale mouth-region video whose lip shapes follow the
+phoneme timings espeak-ng reports, so both the audio and the lips carry the words. ``text="open"`` speaks natural
+English sentences instead (:mod:`recipes.avsr.data.sentences`), and ``held_out_speakers`` gives the test split voices
+that training never hears. It is written in the auto_avsr layout and read back through the same loader as LRS3.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ SPEAKERS: list[Speaker] = [
     Speaker("s05", "en-gb-scotland+m5", 160, 50, 0.66, 0.40, 1.04, 3.2),
     Speaker("s06", "en-029+f3", 170, 60, 0.58, 0.36, 0.96, 2.6),
 ]
+# test-only talkers of ``held_out_speakers``: accents (Lancaster, New York City) no training voice has
+HELD_OUT_SPEAKERS: list[Speaker] = [
+    Speaker("s07", "en-gb-x-gbclan+m2", 162, 45, 0.64, 0.39, 1.02, 3.1),
+    Speaker("s08", "en-us-nyc+f5", 172, 62, 0.60, 0.44, 0.92, 2.7),
+]
+TEXTS = ("grid", "open")  # SyntheticCorpusConfig.text: the six-slot grammar, or open-vocabulary sentences
 
 # Mouth shape per viseme class: (opening, width, teeth visible, tongue visible), each in [0, 1].
 _VISEMES: dict[str, tuple[float, float, float, float]] = {
@@ -248,9 +255,17 @@ class SyntheticCorpusConfig:
     frame_size: int = 48
     noise_snr_db: tuple[float, float] = (15.0, 30.0)
     seed: int = 0
+    text: str = "grid"  # "grid": the six-slot grammar; "open": sentences of Debian's fortunes package
+    held_out_speakers: bool = False  # test split spoken by HELD_OUT_SPEAKERS only, training by SPEAKERS only
 
-    def fingerprint(self) -> str:
-        payload = json.dumps([asdict(self), [asdict(s) for s in SPEAKERS], GRAMMAR, sorted(_VISEMES.items())])
+    def __post_init__(self):
+        if self.text not in TEXTS:
+            raise ValueError(f"SyntheticCorpusConfig.text must be one of {TEXTS}, got {self.text!r}")
+
+    def fingerprint(self, sentences: list[str] | None = None) -> str:
+        """A digest of everything the corpus depends on (``sentences``: the open-text pool, when used)."""
+        speakers = [asdict(s) for s in SPEAKERS + HELD_OUT_SPEAKERS]
+        payload = json.dumps([asdict(self), speakers, GRAMMAR, sorted(_VISEMES.items()), sentences])
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -279,21 +294,21 @@ def synthesize_utterance(
 def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None = None) -> Path:
     """Write the embedded corpus to ``root`` in the auto_avsr layout (reused when already built with ``cfg``).
 
-    Train and test sentences are disjoint (the test set holds word combinations never seen in training); every
-    speaker appears in both. Labels: ``root/labels/synth_{train,test}.csv``.
+    Train and test sentences are disjoint (the test set holds word combinations never seen in training; with
+    ``text="open"``, sentences drawn from :func:`~recipes.avsr.data.sentences.fortune_sentences`, so test words may
+    be new). Every speaker appears in both splits, or, with ``held_out_speakers``, the test split has its own
+    (:data:`HELD_OUT_SPEAKERS`). Labels: ``root/labels/synth_{train,test}.csv``.
     """
     from tqdm.auto import tqdm
 
     cfg = cfg or SyntheticCorpusConfig()
     root = Path(root)
+    pool = _open_sentences() if cfg.text == "open" else None
+    fingerprint = cfg.fingerprint(pool)
     stamp = root / "corpus.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == cfg.fingerprint():
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return root
-    rng = random.Random(cfg.seed)
-    sentences: dict[str, None] = {}
-    while len(sentences) < cfg.n_train + cfg.n_test:
-        sentences.setdefault(random_sentence(rng), None)
-    ordered = list(sentences)
+    ordered = _choose_sentences(cfg, pool)
     splits = {"test": ordered[: cfg.n_test], "train": ordered[cfg.n_test :]}
     tts = EspeakNG()
     (root / "labels").mkdir(parents=True, exist_ok=True)
@@ -302,7 +317,8 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
         rows = []
         sub = "test" if split == "test" else "trainval"
         for k, text in enumerate(tqdm(texts, desc=f"synthesising {split}", leave=False)):
-            speaker = SPEAKERS[k % len(SPEAKERS)]
+            voices = HELD_OUT_SPEAKERS if cfg.held_out_speakers and split == "test" else SPEAKERS
+            speaker = voices[k % len(voices)]
             wave, frames = synthesize_utterance(tts, text, speaker, np_rng, cfg)
             rel = Path("synth_video") / sub / speaker.name / f"{k:05d}.mp4"
             out = root / "synth" / rel
@@ -312,5 +328,30 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
             rows.append(["synth", rel.as_posix(), len(frames), "", text])
         with open(root / "labels" / f"synth_{split}.csv", "w", encoding="utf-8", newline="") as f:
             csv.writer(f).writerows(rows)
-    stamp.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": asdict(cfg)}, indent=1))
+    stamp.write_text(json.dumps({"fingerprint": fingerprint, "config": asdict(cfg)}, indent=1))
     return root
+
+
+def _open_sentences() -> list[str]:
+    """The open-text pool, without the recorded-speech test set's transcripts (when that package is installed)."""
+    from .real_speech import POCKETSPHINX_DATA, pocketsphinx_utterances
+    from .sentences import fortune_sentences
+
+    recorded = [u.text for u in pocketsphinx_utterances()] if POCKETSPHINX_DATA.is_dir() else []
+    return fortune_sentences(exclude=recorded)
+
+
+def _choose_sentences(cfg: SyntheticCorpusConfig, pool: list[str] | None) -> list[str]:
+    """``n_test + n_train`` distinct sentences, test first: grammar samples, or a seeded sample of ``pool``."""
+    n = cfg.n_train + cfg.n_test
+    if pool is not None:
+        if len(pool) < n:
+            raise ValueError(
+                f"the open-text pool has {len(pool)} sentences, fewer than --corpus_train + --corpus_test = {n}"
+            )
+        return random.Random(cfg.seed).sample(pool, n)
+    rng = random.Random(cfg.seed)
+    sentences: dict[str, None] = {}
+    while len(sentences) < n:
+        sentences.setdefault(random_sentence(rng), None)
+    return list(sentences)
