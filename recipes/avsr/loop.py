@@ -214,7 +214,7 @@ def run(
         val_loader = make_loader(clean, val_utts, modality, extractor, tokenizer, False)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    results = _describe(model_config, modality)
+    results = {**_describe(model_config, modality), "seed": config.seed}
     beams = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     skipped = {**train_loader.dataset.bad, **test_loader.dataset.bad}
     if config.eval_untrained:  # also when resuming: the model is still untrained here

@@ -130,14 +130,15 @@ def with_tier_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of ``args`` with the noise and corpus choices left open filled in: those of ``--real`` (babble noise
     in training and at test, the open-vocabulary corpus with held-out voices), or the plain defaults (all off)."""
     real = args.real
+    test_snrs = tuple(REAL_TEST_SNRS if real and args.test_snrs is None else args.test_snrs or ())
+    noisy_test = bool(test_snrs) or args.decode_snr_target is not None
+    train_snr_range = REAL_TRAIN_SNR_RANGE if real and args.train_snr_range is None else None
     values = {
         "corpus_text": args.corpus_text or ("open" if real else "grid"),
         "held_out_speakers": real if args.held_out_speakers is None else args.held_out_speakers,
-        "train_snr_range": REAL_TRAIN_SNR_RANGE
-        if real and args.train_snr_range is None
-        else _snr_range(args.train_snr_range),
-        "test_snrs": tuple(REAL_TEST_SNRS if real and args.test_snrs is None else args.test_snrs or ()),
-        "decode_noise": args.decode_noise or ("babble" if real else "white"),
+        "train_snr_range": train_snr_range or _snr_range(args.train_snr_range),
+        "test_snrs": test_snrs,
+        "decode_noise": args.decode_noise or ("babble" if real and noisy_test else "white"),
     }
     return argparse.Namespace(**{**vars(args), **values})
 

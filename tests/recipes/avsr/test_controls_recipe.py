@@ -17,7 +17,7 @@ SMALL = [
 def test_seeds_report_mean_and_std_with_chance_and_swaps_and_eval_only_reproduces_them(tmp_path):
     out = tmp_path / "run"
     args = SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "2", "--no-eval_untrained"]
-    main(args + ["--seeds", "0", "1", "--swap_controls"])
+    main(args + ["--seeds", "0", "1", "--swap_controls", "--test_snrs", "0"])
     saved = json.loads((out / "results.json").read_text())
     runs = saved["runs"]
     assert [r["seed"] for r in runs] == [0, 1]
@@ -30,14 +30,21 @@ def test_seeds_report_mean_and_std_with_chance_and_swaps_and_eval_only_reproduce
     assert summary["chance_wer"]["mean"] == runs[0]["chance"]["wer"]  # the same corpus for every seed
     assert 0 < runs[0]["chance"]["wer"] <= 100
     assert "±" in (out / "results.md").read_text()
+    noisy = [r["test_by_snr"] for r in runs]  # --test_snrs: the test set decoded again with white noise at 0 dB
+    assert all(n["noise"] == "white" and n["snr_db"]["0"]["n"] == 4 for n in noisy)
+    assert summary["wer_at_0_db"]["mean"] == round(statistics.fmean(n["snr_db"]["0"]["wer"] for n in noisy), 2)
+    assert "WER at 0 dB %" in (out / "results.md").read_text()
+    assert len((out / "seed_0" / "avsr" / "decodes_snr_0.jsonl").read_text().splitlines()) == 4
     assert "| avsr |" in (out / "seed_1" / "avsr" / "results.md").read_text()
     first = load_file(out / "seed_0" / "avsr" / "final" / "projectors.safetensors")
     second = load_file(out / "seed_1" / "avsr" / "final" / "projectors.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first)  # the seed changes the initialisation
 
-    main(args + ["--eval_only", "--resume_from", str(out / "seed_0" / "avsr" / "final"), "--swap_controls"])
+    final = str(out / "seed_0" / "avsr" / "final")
+    main(args + ["--eval_only", "--resume_from", final, "--swap_controls", "--test_snrs", "0"])
     again = json.loads((out / "eval" / "results.json").read_text())
     assert again["test"]["wer"] == runs[0]["test"]["wer"]
+    assert again["test_by_snr"] == runs[0]["test_by_snr"]  # the noise of an utterance is fixed by its uid
     assert again["wer_swap_video"] == runs[0]["wer_swap_video"]
     assert again["wer_swap_audio"] == runs[0]["wer_swap_audio"]
     assert again["chance"] == runs[0]["chance"]

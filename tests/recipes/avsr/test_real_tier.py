@@ -14,6 +14,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from peft_gnnmoe.analysis.pretrained import smollm2_gguf_path
 from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.data import real_speech
+from recipes.avsr.data.lrs3 import read_manifest
 from recipes.avsr.model import load_audio_encoder, shorten_audio_window
 from recipes.avsr.train import main, uses_stand_ins
 
@@ -69,6 +70,29 @@ def test_real_resolves_to_the_pretrained_presets_and_asr():
     assert (config.num_beams, config.train.epochs) == (1, 4)  # greedy and 300 steps: the tier's CPU budget
     assert config.real_speech_test
     assert not uses_stand_ins(config)
+    # the conditions a real recogniser does not solve trivially: new words, new voices, babble in training and test
+    assert (config.corpus_text, config.held_out_speakers) == ("open", True)
+    assert (config.loader.train_snr_range, config.loader.test_noise) == ((-5.0, 20.0), "babble")
+    assert config.test_snrs == (10.0, 5.0, 0.0, -5.0)
+    assert not config.model.cache_features  # the noise changes every epoch
+
+
+def test_real_defaults_give_way_to_explicit_flags():
+    argv = ["--real", "--corpus_text", "grid", "--no-held_out_speakers", "--train_snr_range", "off", "--test_snrs"]
+    config = resolve_config(parse_args(argv))
+    assert (config.corpus_text, config.held_out_speakers, config.test_snrs) == ("grid", False, ())
+    assert (config.loader.train_snr_range, config.loader.test_noise) == (None, "white")
+    assert config.model.cache_features  # nothing changes the inputs between epochs: the cache is back
+    plain = resolve_config(parse_args([]))
+    assert (plain.corpus_text, plain.held_out_speakers, plain.test_snrs) == ("grid", False, ())
+    assert plain.loader.train_snr_range is None
+    assert resolve_config(parse_args(["--train_snr_range", "-5", "20"])).loader.train_snr_range == (-5.0, 20.0)
+
+
+def test_the_open_corpus_needs_a_pretrained_tokenizer():
+    with pytest.raises(ValueError, match="--corpus_text open .* pass --real or --llm"):
+        resolve_config(parse_args(["--corpus_text", "open"]))
+    assert resolve_config(parse_args(["--corpus_text", "open", "--llm", "my/llm"])).corpus_text == "open"
 
 
 def test_real_keeps_explicit_choices_and_the_lip_encoder_stand_in():
@@ -110,5 +134,12 @@ def test_real_tier_end_to_end_decodes_both_test_sets(tmp_path):
     assert len((out / "real_speech.jsonl").read_text().splitlines()) == 10  # the manifest the run wrote
     assert not (out / "base_models").exists()  # no stand-in was built: every part is pretrained
     assert "recorded speech WER %" in (out / "results.md").read_text()
+    noisy = result["test_by_snr"]  # babble at the tier's four SNRs, each on the whole test set
+    assert noisy["noise"] == "babble" and list(noisy["snr_db"]) == ["10", "5", "0", "-5"]
+    assert all(v["n"] == 2 for v in noisy["snr_db"].values())
+    corpus = json.loads((out / "corpus" / "corpus.json").read_text())["config"]
+    assert (corpus["text"], corpus["held_out_speakers"]) == ("open", True)
+    speakers = {u.speaker for u in read_manifest(out / "manifest_test.jsonl")}
+    assert speakers <= {"s07", "s08"}  # voices training never hears
     saved = json.loads((out / "asr" / "final" / "run.json").read_text())["model"]
     assert (saved["llm"], saved["audio_window"]) == ("smollm2", 8)  # the preset, portable across machines
