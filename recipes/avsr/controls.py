@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 from recipes.common.stats import mean_std
 
@@ -122,3 +123,16 @@ def seed_table(summary: dict[str, dict]) -> str:
         cells = " | ".join(cell(entry, f) for f in [*REPORTED, *noisy])
         lines.append(f"| {modality} | {', '.join(map(str, entry['seeds']))} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int, runs: list[dict]) -> dict[str, dict]:
+    """``out_dir/results.json`` (``{"seeds", "data_seed", "runs", "summary"}``) and ``results.md`` (the mean ± std
+    table) of per-seed runs; returns the summary."""
+    import json
+
+    summary = seed_summary(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(seed_table(summary))
+    results = {"seeds": list(seeds), "data_seed": data_seed, "runs": runs, "summary": summary}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    return summary

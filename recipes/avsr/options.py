@@ -22,7 +22,7 @@ def _db(value: float) -> str:
 
 def add_control_options(p: argparse.ArgumentParser) -> None:
     """Add the option group to the recipe's parser (:func:`recipes.avsr.config.parse_args`)."""
-    g = p.add_argument_group("controls, seeds, noise and augmentation (all off by default)")
+    g = p.add_argument_group("controls, seeds, noise and augmentation (off by default; --real adds noise)")
     g.add_argument(
         "--seeds",
         type=int,

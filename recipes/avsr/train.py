@@ -22,7 +22,7 @@ import dataclasses
 import json
 
 from .config import RunConfig, parse_args, resolve_config
-from .controls import seed_summary, seed_table
+from .controls import seed_summary, seed_table, write_seed_report
 from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits, read_manifest
 from .data.real_speech import write_real_speech_manifest
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
@@ -82,12 +82,9 @@ def run_seeds(config: RunConfig, accelerator, splits: dict[str, list[Utterance]]
             result = run(seeded, accelerator, splits, m, config.output_dir / f"seed_{seed}" / m, log)[0]
             runs.append({"seed": seed, **result})
     summary = seed_summary(runs)
-    table = seed_table(summary)
     if accelerator.is_main_process:
-        (config.output_dir / "results.md").write_text(table)
-        results = {"seeds": list(config.seeds), "data_seed": config.seed, "runs": runs, "summary": summary}
-        (config.output_dir / "results.json").write_text(json.dumps(results, indent=1))
-    log("\n" + table)
+        write_seed_report(config.output_dir, config.seeds, config.seed, runs)
+    log("\n" + seed_table(summary))
     return summary
 
 
