@@ -61,6 +61,7 @@ def build_model(config: ModelConfig, modality: str) -> tuple[AVSRModel, object]:
     audio_encoder = extractor = video_encoder = None
     if modality in ("asr", "avsr"):
         audio_encoder, extractor = load_audio_encoder(config.audio_encoder, config.audio_window)
+        audio_encoder.to(LLM_DTYPES[config.audio_encoder_dtype])
     if modality in ("vsr", "avsr"):
         video_encoder = load_video_encoder(config.video_encoder)
     model = AVSRModel(

@@ -158,6 +158,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dtype of the frozen LLM's weights (bf16 as Llama-AVSR trains; the projectors and LoRA stay fp32; "
         "default fp32, bf16 with --real)",
     )
+    g.add_argument(
+        "--audio_encoder_dtype",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="dtype of the frozen audio encoder's weights (its output goes to the projector in fp32); default fp32, "
+        "bf16 with --real (Whisper tiny.en: 1.8x faster on this CPU, frames within cosine 0.9997 of fp32)",
+    )
     g.add_argument("--projector_layer_norm", action="store_true")
     g.add_argument(
         "--lora_preset",
@@ -253,6 +260,7 @@ class ModelConfig:
     projector_hidden: int = 2048
     projector_layer_norm: bool = False
     llm_dtype: str = "fp32"
+    audio_encoder_dtype: str = "fp32"
     audio_window: int | None = None  # seconds of Whisper input (None: the checkpoint's own, 30 s)
     cache_features: bool = False
     lora_r: int = 8
@@ -406,6 +414,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         projector_hidden=args.projector_hidden or (512 if embedded and not args.real else 2048),
         projector_layer_norm=args.projector_layer_norm,
         llm_dtype=args.llm_dtype or ("bf16" if args.real else "fp32"),
+        audio_encoder_dtype=args.audio_encoder_dtype or ("bf16" if args.real else "fp32"),
         audio_window=args.audio_window or (REAL_AUDIO_WINDOW if args.real else None),
         cache_features=cache_features,
         **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in LORA_PRESETS[args.lora_preset].items()},

@@ -343,6 +343,11 @@ class AVSRModel(nn.Module):
                 store[uids[i]] = feats[j, : int(lengths[i])]
         return nn.utils.rnn.pad_sequence([store[uid] for uid in uids], batch_first=True)
 
+    def _encode_audio(self, features: torch.Tensor) -> torch.Tensor:
+        """The audio encoder's output in fp32, whatever the dtype of its weights (``--audio_encoder_dtype``)."""
+        dtype = next(self.audio_encoder.parameters()).dtype
+        return self.audio_encoder(features.to(dtype)).last_hidden_state.float()
+
     def encode(self, batch: dict) -> tuple[tuple | None, tuple | None]:
         """Run the frozen encoders and the projectors: ``(tokens [B, T', d], lengths)`` per modality."""
         audio = video = None
@@ -352,7 +357,7 @@ class AVSRModel(nn.Module):
                 "audio",
                 batch,
                 lengths,
-                lambda rows: self.audio_encoder(batch["audio_features"][rows]).last_hidden_state,
+                lambda rows: self._encode_audio(batch["audio_features"][rows]),
             )[:, : int(lengths.max())]
             audio = self.audio_proj(feats, lengths.to(feats.device))
         if self.video_encoder is not None:

@@ -32,9 +32,10 @@ def test_a_plain_run_and_a_seeds_run_make_one_report(runs, tmp_path):
     table = merge_main([str(runs / "plain"), str(runs / "seeds"), "--output", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [0, 1, 2] and saved["data_seed"] == 0
-    own = json.loads((runs / "plain" / "results.json").read_text()) + json.loads(
-        (runs / "seeds" / "results.json").read_text()
-    )["runs"]
+    own = (
+        json.loads((runs / "plain" / "results.json").read_text())
+        + json.loads((runs / "seeds" / "results.json").read_text())["runs"]
+    )
     assert saved["runs"] == own
     summary = saved["summary"]["asr"]
     assert summary["wer"]["mean"] == round(statistics.fmean(r["test"]["wer"] for r in own), 2)

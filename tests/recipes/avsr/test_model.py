@@ -1,5 +1,7 @@
 """AVSR recipe model: downsampling, sequence layout and label masking, decorrelation on/off, encoders."""
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -324,3 +326,19 @@ def test_a_bf16_llm_gets_bf16_inputs_and_trains(parts):
     out.loss.backward()
     assert model.audio_proj.mlp[0].weight.grad.abs().sum() > 0
     assert model.generate(batch, num_beams=2, max_new_tokens=3)
+
+
+def test_a_bf16_audio_encoder_gives_fp32_features_close_to_fp32(parts):
+    tokenizer, audio_encoder, extractor, _ = parts
+    batch = _batch(extractor, tokenizer)
+    model = AVSRModel(_llm(tokenizer), tokenizer, "asr", copy.deepcopy(audio_encoder), projector_hidden=16)
+    with torch.no_grad():
+        reference = model._encode_audio(batch["audio_features"])
+        model.audio_encoder.to(torch.bfloat16)  # what --audio_encoder_dtype bf16 does after loading
+        halved = model._encode_audio(batch["audio_features"])
+    assert halved.dtype == torch.float32  # the projector stays fp32
+    assert not torch.equal(halved, reference)  # the weights really are bf16
+    assert torch.nn.functional.cosine_similarity(halved, reference, dim=-1).min() > 0.99
+    out = model(batch)
+    out.loss.backward()
+    assert model.audio_proj.mlp[0].weight.grad.abs().sum() > 0

@@ -67,6 +67,8 @@ def test_real_resolves_to_the_pretrained_presets_and_asr():
     assert config.modalities == ("asr",)
     assert (config.model.llm, config.model.audio_encoder) == ("smollm2", "whisper-tiny.en")
     assert (config.model.llm_dtype, config.model.audio_window, config.model.projector_hidden) == ("bf16", 8, 2048)
+    assert config.model.audio_encoder_dtype == "bf16"
+    assert resolve_config(parse_args([])).model.audio_encoder_dtype == "fp32"
     assert (config.num_beams, config.train.epochs) == (1, 4)  # greedy and 300 steps: the tier's CPU budget
     assert config.real_speech_test
     assert not uses_stand_ins(config)
