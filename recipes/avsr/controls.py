@@ -126,12 +126,15 @@ def seed_table(summary: dict[str, dict]) -> str:
 
 
 def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int, runs: list[dict]) -> dict[str, dict]:
-    """``out_dir/results.json`` (``{"seeds", "data_seed", "runs", "summary"}``) and ``results.md`` (the mean ± std
-    table) of per-seed runs; returns the summary."""
+    """``out_dir/results.json`` (``{"seeds", "data_seed", "runs", "summary"}``), ``results.md`` (the mean ± std
+    table) and, when the runs decoded noisy test sets, ``wer_by_snr.png``, of per-seed runs; returns the summary."""
     import json
+
+    from .snr_plot import plot_wer_by_snr
 
     summary = seed_summary(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plot_wer_by_snr(summary, out_dir / "wer_by_snr.png")
     (out_dir / "results.md").write_text(seed_table(summary))
     results = {"seeds": list(seeds), "data_seed": data_seed, "runs": runs, "summary": summary}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))

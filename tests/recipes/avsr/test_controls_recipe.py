@@ -34,6 +34,7 @@ def test_seeds_report_mean_and_std_with_chance_and_swaps_and_eval_only_reproduce
     assert all(n["noise"] == "white" and n["snr_db"]["0"]["n"] == 4 for n in noisy)
     assert summary["wer_at_0_db"]["mean"] == round(statistics.fmean(n["snr_db"]["0"]["wer"] for n in noisy), 2)
     assert "WER at 0 dB %" in (out / "results.md").read_text()
+    assert (out / "wer_by_snr.png").stat().st_size > 0
     assert len((out / "seed_0" / "avsr" / "decodes_snr_0.jsonl").read_text().splitlines()) == 4
     assert "| avsr |" in (out / "seed_1" / "avsr" / "results.md").read_text()
     first = load_file(out / "seed_0" / "avsr" / "final" / "projectors.safetensors")

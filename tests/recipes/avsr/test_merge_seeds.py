@@ -41,6 +41,7 @@ def test_a_plain_run_and_a_seeds_run_make_one_report(runs, tmp_path):
     assert summary["wer"]["mean"] == round(statistics.fmean(r["test"]["wer"] for r in own), 2)
     assert summary["wer_at_0_db"]["n"] == 3
     assert " ± " in table and table == (tmp_path / "results.md").read_text()
+    assert (tmp_path / "wer_by_snr.png").stat().st_size > 0  # the runs decoded a noisy test set too
 
 
 def test_a_seed_in_two_runs_is_refused(runs, tmp_path):

