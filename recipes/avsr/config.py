@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="embedded corpus: 'grid', six-word commands over 34 words, or 'open', natural English sentences of 4-12 "
         "words from Debian's fortunes package (thousands of words; needs a pretrained LLM's subword tokenizer). "
-        "Default: grid, open with --real",
+        "Default: grid",
     )
     g.add_argument(
         "--held_out_speakers",
