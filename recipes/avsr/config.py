@@ -368,6 +368,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     Without ``--data_dir`` the run uses the embedded corpus (``output_dir/corpus``) and stand-in models
     (``output_dir/base_models``, see :mod:`recipes.avsr.stand_ins`), with defaults sized for them.
     """
+    if args.data_dir is not None and (args.corpus_text is not None or args.held_out_speakers is not None):
+        raise ValueError("--corpus_text and --held_out_speakers shape the embedded corpus; with --data_dir drop them")
     args = with_tier_defaults(args)
     embedded = args.data_dir is None
     if not embedded:
@@ -400,8 +402,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     llm = args.llm or (REAL_LLM if args.real else None)
     if embedded and args.corpus_text == "open" and llm is None:
         raise ValueError(
-            "--corpus_text open has thousands of words, most of them only in the test split; the embedded stand-in "
-            "LLM's word-level tokenizer knows the training words only: pass --real or --llm <a pretrained LLM>"
+            "--corpus_text open has thousands of words, and many test words never occur in training; the embedded "
+            "stand-in LLM's word-level tokenizer knows the training words only: pass --real or --llm <pretrained LLM>"
         )
     audio_encoder = args.audio_encoder or (REAL_AUDIO_ENCODER if args.real else None)
     model = ModelConfig(

@@ -92,6 +92,12 @@ def test_real_defaults_give_way_to_explicit_flags():
     assert resolve_config(parse_args(["--train_snr_range", "-5", "20"])).loader.train_snr_range == (-5.0, 20.0)
 
 
+def test_embedded_corpus_options_are_refused_with_lrs3(tmp_path):
+    for flag in ("--corpus_text=open", "--held_out_speakers"):
+        with pytest.raises(ValueError, match="shape the embedded corpus; with --data_dir drop them"):
+            resolve_config(parse_args(["--real", "--data_dir", str(tmp_path), flag]))
+
+
 def test_the_open_corpus_needs_a_pretrained_tokenizer():
     with pytest.raises(ValueError, match="--corpus_text open .* pass --real or --llm"):
         resolve_config(parse_args(["--corpus_text", "open"]))
