@@ -125,7 +125,7 @@ def seed_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int, runs: list[dict]) -> dict[str, dict]:
+def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int | None, runs: list[dict]) -> dict[str, dict]:
     """``out_dir/results.json`` (``{"seeds", "data_seed", "runs", "summary"}``), ``results.md`` (the mean ± std
     table) and, when the runs decoded noisy test sets, ``wer_by_snr.png``, of per-seed runs; returns the summary."""
     import json
