@@ -106,14 +106,19 @@ def snr_field(snr: str) -> str:
     return f"wer_at_{snr}_db"
 
 
+def field_snr(field: str) -> str | None:
+    """The SNR (dB, as written) of a :func:`snr_field`, None for any other field."""
+    return field.removeprefix("wer_at_").removesuffix("_db") if field.startswith("wer_at_") else None
+
+
 def seed_table(summary: dict[str, dict]) -> str:
     """The Markdown table of :func:`seed_summary`: mean ± std (n seeds) per modality; – where not measured."""
 
     def cell(entry: dict, field: str) -> str:
         return f"{entry[field]['mean']:.2f} ± {entry[field]['std']:.2f}" if field in entry else "–"
 
-    noisy = list(dict.fromkeys(f for entry in summary.values() for f in entry if f.startswith("wer_at_")))
-    headers = "".join(f" | WER at {f.removeprefix('wer_at_').removesuffix('_db')} dB %" for f in noisy)
+    noisy = list(dict.fromkeys(f for entry in summary.values() for f in entry if field_snr(f) is not None))
+    headers = "".join(f" | WER at {field_snr(f)} dB %" for f in noisy)
     lines = [
         "| modality | seeds | WER % | CER % | chance WER % | WER swapped video % | WER swapped audio % "
         f"| recorded speech WER % | untrained WER %{headers} |",

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .controls import seed_table, write_seed_report
-from .merge_sinks import SETTINGS, TRAINING
+from .merge_sinks import SETTINGS, TRAINING, MergeCheck
 
 
 def run_results(run: Path) -> list[dict]:
@@ -39,22 +39,15 @@ def merge(runs: list[Path]) -> list[dict]:
     """Every run's per-seed results, in the order given; raises on a (seed, modality) that two runs both have, on
     runs of different corpora, and on a modality whose settings differ between runs."""
     merged: list[dict] = []
-    owner: dict[tuple, Path] = {}
-    settings: dict[str, tuple[dict, Path]] = {}
+    check = MergeCheck()
     corpora = {str(run): (_corpus(run) or {}).get("fingerprint") for run in runs}
     if len(set(corpora.values())) > 1:
         raise ValueError(f"the runs were trained and tested on different corpora (fingerprints {corpora})")
     for run in runs:
         for result in run_results(run):
-            key = (result["seed"], result["modality"])
-            if key in owner:
-                raise ValueError(f"seed {key[0]}, {key[1]} is in both {owner[key]} and {run}: merge distinct seeds")
-            owner[key] = run
+            check.claim(result["seed"], result["modality"], run)
             found = {k: result.get(k) for k in SETTINGS} | {k: result["training"].get(k) for k in TRAINING}
-            first, where = settings.setdefault(result["modality"], (found, run))
-            differ = {k: (first[k], found[k]) for k in found if found[k] != first[k]}
-            if differ:
-                raise ValueError(f"{result['modality']} was run with other settings in {where} and {run}: {differ}")
+            check.same_settings(result["modality"], found, run)
             merged.append(result)
     return merged
 

@@ -36,28 +36,44 @@ def cell_settings(folder: Path, row: dict) -> dict:
     raise FileNotFoundError(f"{folder}: no results.json for seed {row['seed']}, {row['tag']}")
 
 
+class MergeCheck:
+    """What merging runs refuses: a (seed, name) that two runs both hold, and a name whose settings differ."""
+
+    def __init__(self):
+        self.owner: dict[tuple, Path] = {}
+        self.first: dict[str, tuple[dict, Path]] = {}
+
+    def claim(self, seed: int, name: str, run: Path) -> None:
+        """Record that ``run`` holds ``(seed, name)``; raises if an earlier run did."""
+        earlier = self.owner.get((seed, name))
+        if earlier is not None:
+            raise ValueError(f"seed {seed}, {name} is in both {earlier} and {run}: merge distinct seeds")
+        self.owner[seed, name] = run
+
+    def same_settings(self, name: str, found: dict, run: Path) -> None:
+        """Record ``name``'s settings in ``run``; raises if they differ from the first run's."""
+        first, where = self.first.setdefault(name, (found, run))
+        differ = {k: (first[k], found[k]) for k in found if found[k] != first[k]}
+        if differ:
+            raise ValueError(f"{name} was run with other settings in {where} and {run}: {differ}")
+
+    def settings(self) -> dict[str, dict]:
+        return {name: found for name, (found, _) in self.first.items()}
+
+
 def merge(runs: list[Path]) -> tuple[list[dict], dict[str, dict]]:
     """Every run's rows (in the order given) and the settings of each trained cell; raises on a (seed, cell) that
     two runs both have, and on a cell whose settings differ between runs."""
     rows: list[dict] = []
-    owner: dict[tuple, Path] = {}
-    settings: dict[str, tuple[dict, Path]] = {}
+    check = MergeCheck()
     for run in runs:
         folder = sinks_dir(run)
         for row in json.loads((folder / "sinks.json").read_text()):
-            key = (row["seed"], row["tag"])
-            if key in owner:
-                raise ValueError(f"seed {key[0]}, {key[1]} is in both {owner[key]} and {run}: merge distinct seeds")
-            owner[key] = run
+            check.claim(row["seed"], row["tag"], run)
             rows.append(row)
-            if row["stage"] != "trained":
-                continue
-            found = cell_settings(folder, row)
-            first, where = settings.setdefault(row["tag"], (found, run))
-            differ = {k: (first[k], found[k]) for k in found if found[k] != first[k]}
-            if differ:
-                raise ValueError(f"{row['tag']} was run with other settings in {where} and {run}: {differ}")
-    return rows, {tag: s for tag, (s, _) in settings.items()}
+            if row["stage"] == "trained":
+                check.same_settings(row["tag"], cell_settings(folder, row), run)
+    return rows, check.settings()
 
 
 def main(argv: list[str] | None = None) -> str:

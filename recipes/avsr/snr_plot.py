@@ -13,9 +13,11 @@ def plot_wer_by_snr(summary: dict[str, dict], out: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .controls import field_snr
+
     curves = {}
     for modality, entry in summary.items():
-        snrs = sorted((float(f[len("wer_at_") : -len("_db")]), f) for f in entry if f.startswith("wer_at_"))
+        snrs = sorted((float(field_snr(f)), f) for f in entry if field_snr(f) is not None)
         if snrs:
             curves[modality] = snrs
     if not curves:
