@@ -11,7 +11,7 @@ APT_PACKAGES="dataset-fashion-mnist"
 APT_PACKAGES="$APT_PACKAGES fonts-dejavu-core fonts-liberation fonts-freefont-ttf"
 # (sink / AVSR section: add Debian packages here) espeak-ng speaks the AVSR recipe's embedded corpus
 APT_PACKAGES="$APT_PACKAGES espeak-ng"
-# fortunes: natural English sentences for the open-vocabulary corpus (--corpus_text open, the --real default)
+# fortunes: natural English sentences for the open-vocabulary corpus (--corpus_text open)
 APT_PACKAGES="$APT_PACKAGES fortunes"
 # (pretrained section) real 16 kHz speech with transcripts: the proof of the Whisper converter
 APT_PACKAGES="$APT_PACKAGES pocketsphinx-testdata"

