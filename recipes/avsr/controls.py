@@ -142,8 +142,8 @@ def _test_wers(run: dict) -> dict[str, float]:
 
 def modality_differences(runs: list[dict]) -> list[dict]:
     """Per pair of :data:`FUSED_AGAINST` trained on common seeds, and per test WER both decoded (clean, each SNR):
-    avsr's WER minus the other's, paired by seed (the same batch order and initial LoRA), with the mean and its 95%
-    t-interval (None for one seed). Empty when no pair was trained."""
+    avsr's WER minus the other's, paired by seed (one seed gives both runs the same batch order), with the mean and
+    its 95% t-interval (None for one seed). Empty when no pair was trained."""
     by_key = {(r["modality"], r["seed"]): _test_wers(r) for r in runs}
     out = []
     for fused, single in FUSED_AGAINST:
