@@ -95,9 +95,10 @@ def seed_summary(runs: list[dict]) -> dict[str, dict]:
             values = [read(r) for r in rows]
             if all(v is not None for v in values):
                 entry[field] = _mean_std(values)
-        measured = [set(r.get("test_by_snr", {}).get("snr_db", {})) for r in rows]  # --test_snrs
-        for snr in sorted(set.intersection(*measured), key=float, reverse=True):
-            entry[snr_field(snr)] = _mean_std([r["test_by_snr"]["snr_db"][snr]["wer"] for r in rows])
+        wers = [_test_wers(r) for r in rows]  # clean and each --test_snrs SNR
+        noisy = set.intersection(*(set(w) for w in wers)) - {"wer"}
+        for field in sorted(noisy, key=lambda f: float(field_snr(f)), reverse=True):
+            entry[field] = _mean_std([w[field] for w in wers])
         summary[modality] = entry
     return summary
 
@@ -187,10 +188,10 @@ def differences_table(differences: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int | None, runs: list[dict]) -> dict[str, dict]:
+def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int | None, runs: list[dict]) -> str:
     """``out_dir/results.json`` (``{"seeds", "data_seed", "runs", "summary", "differences"}``), ``results.md`` (the
     mean ± std table, then the paired differences between modalities) and, when the runs decoded noisy test sets,
-    ``wer_by_snr.png``, of per-seed runs; returns the summary."""
+    ``wer_by_snr.png``, of per-seed runs; returns the Markdown of ``results.md``."""
     import json
 
     from .snr_plot import plot_wer_by_snr
@@ -200,8 +201,14 @@ def write_seed_report(out_dir: Path, seeds: Sequence[int], data_seed: int | None
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_wer_by_snr(summary, out_dir / "wer_by_snr.png")
     table = differences_table(differences)
-    (out_dir / "results.md").write_text(seed_table(summary) + (f"\n{table}" if table else ""))
-    results = {"seeds": list(seeds), "data_seed": data_seed, "runs": runs}
-    results |= {"summary": summary, "differences": differences}
+    report = seed_table(summary) + (f"\n{table}" if table else "")
+    (out_dir / "results.md").write_text(report)
+    results = {
+        "seeds": list(seeds),
+        "data_seed": data_seed,
+        "runs": runs,
+        "summary": summary,
+        "differences": differences,
+    }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    return summary
+    return report

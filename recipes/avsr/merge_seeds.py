@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> str:
     runs = merge(args.runs)
     seeds = list(dict.fromkeys(r["seed"] for r in runs))
     corpus = _corpus(args.runs[0])
-    write_seed_report(args.output, seeds, corpus["config"]["seed"] if corpus else None, runs)
-    report = (args.output / "results.md").read_text()
+    report = write_seed_report(args.output, seeds, corpus["config"]["seed"] if corpus else None, runs)
     print(report, end="")
     return report
 

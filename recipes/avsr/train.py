@@ -22,7 +22,7 @@ import dataclasses
 import json
 
 from .config import RunConfig, parse_args, resolve_config
-from .controls import seed_summary, seed_table, write_seed_report
+from .controls import seed_summary, write_seed_report
 from .data.lrs3 import Utterance, check_mouth_crop, detect_layout, load_splits, read_manifest
 from .data.real_speech import write_real_speech_manifest
 from .data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
@@ -75,19 +75,17 @@ def _run_recipe(config: RunConfig, accelerator) -> dict:
 
 def run_seeds(config: RunConfig, accelerator, splits: dict[str, list[Utterance]], log: Log) -> dict:
     """``--seeds``: every modality once per seed in ``output_dir/seed_<S>/<modality>``, on the same corpus and
-    stand-ins (those of ``--seed``); writes ``results.json`` (``{"runs": per-seed rows, "summary": mean/std}``) and
-    ``results.md`` (mean ± std). Returns ``{modality: summary}``."""
+    stand-ins (those of ``--seed``); writes the seed report (:func:`~recipes.avsr.controls.write_seed_report`: mean ±
+    std, avsr against each single stream) and logs it. Returns ``{modality: summary}``."""
     runs = []
     for seed in config.seeds:
         seeded = dataclasses.replace(config, seed=seed)
         for m in config.modalities:
             result = run(seeded, accelerator, splits, m, config.output_dir / f"seed_{seed}" / m, log)[0]
             runs.append({"seed": seed, **result})
-    summary = seed_summary(runs)
     if accelerator.is_main_process:
-        write_seed_report(config.output_dir, config.seeds, config.seed, runs)
-    log("\n" + seed_table(summary))
-    return summary
+        log("\n" + write_seed_report(config.output_dir, config.seeds, config.seed, runs))
+    return seed_summary(runs)
 
 
 def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utterance]]:
