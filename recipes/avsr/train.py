@@ -99,6 +99,7 @@ def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utt
                 n_test=config.corpus_test,
                 seed=config.seed,
                 text=config.corpus_text,
+                vocab_size=config.corpus_vocab,
                 held_out_speakers=config.held_out_speakers,
             )
             build_synthetic_corpus(config.data_dir, corpus)

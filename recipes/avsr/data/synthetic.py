@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .media import AUDIO_RATE, SAMPLES_PER_FRAME, VIDEO_FPS, cut_or_pad, write_video, write_wav
+from .sentences import vocabulary_stats
 
 # GRID-like grammar (Cooke et al. 2006): command colour preposition letter digit adverb
 GRAMMAR: dict[str, list[str]] = {
@@ -257,15 +258,24 @@ class SyntheticCorpusConfig:
     seed: int = 0
     text: str = "grid"  # "grid": the six-slot grammar; "open": sentences of Debian's fortunes package
     held_out_speakers: bool = False  # test split spoken by HELD_OUT_SPEAKERS only, training by SPEAKERS only
+    vocab_size: int | None = None  # "open" only: keep the sentences made of the pool's N most frequent words
 
     def __post_init__(self):
         if self.text not in TEXTS:
             raise ValueError(f"SyntheticCorpusConfig.text must be one of {TEXTS}, got {self.text!r}")
+        if self.vocab_size is not None and (self.text != "open" or self.vocab_size < 1):
+            raise ValueError(
+                f"SyntheticCorpusConfig.vocab_size bounds the open corpus's words: it needs text='open' and a size "
+                f">= 1, got text={self.text!r}, vocab_size={self.vocab_size}"
+            )
 
     def fingerprint(self, sentences: list[str] | None = None) -> str:
         """A digest of everything the corpus depends on (``sentences``: the open-text pool, when used)."""
         speakers = [asdict(s) for s in SPEAKERS + HELD_OUT_SPEAKERS]
-        payload = json.dumps([asdict(self), speakers, GRAMMAR, sorted(_VISEMES.items()), sentences])
+        config = asdict(self)
+        if config["vocab_size"] is None:  # corpora built before the option existed keep their fingerprint
+            del config["vocab_size"]
+        payload = json.dumps([config, speakers, GRAMMAR, sorted(_VISEMES.items()), sentences])
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
@@ -303,7 +313,7 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
 
     cfg = cfg or SyntheticCorpusConfig()
     root = Path(root)
-    pool = _open_sentences() if cfg.text == "open" else None
+    pool = _open_sentences(cfg.vocab_size) if cfg.text == "open" else None
     fingerprint = cfg.fingerprint(pool)
     stamp = root / "corpus.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
@@ -328,17 +338,28 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
             rows.append(["synth", rel.as_posix(), len(frames), "", text])
         with open(root / "labels" / f"synth_{split}.csv", "w", encoding="utf-8", newline="") as f:
             csv.writer(f).writerows(rows)
-    stamp.write_text(json.dumps({"fingerprint": fingerprint, "config": asdict(cfg)}, indent=1))
+    stamp.write_text(
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "config": asdict(cfg),
+                "words": vocabulary_stats(splits["train"], splits["test"]),
+            },
+            indent=1,
+        )
+    )
     return root
 
 
-def _open_sentences() -> list[str]:
-    """The open-text pool, without the recorded-speech test set's transcripts (when that package is installed)."""
+def _open_sentences(vocab_size: int | None = None) -> list[str]:
+    """The open-text pool, without the recorded-speech test set's transcripts (when that package is installed),
+    bounded to the ``vocab_size`` most frequent words when given."""
     from .real_speech import POCKETSPHINX_DATA, pocketsphinx_utterances
-    from .sentences import fortune_sentences
+    from .sentences import fortune_sentences, within_vocabulary
 
     recorded = [u.text for u in pocketsphinx_utterances()] if POCKETSPHINX_DATA.is_dir() else []
-    return fortune_sentences(exclude=recorded)
+    pool = fortune_sentences(exclude=recorded)
+    return pool if vocab_size is None else within_vocabulary(pool, vocab_size)
 
 
 def _choose_sentences(cfg: SyntheticCorpusConfig, pool: list[str] | None) -> list[str]:
@@ -346,8 +367,10 @@ def _choose_sentences(cfg: SyntheticCorpusConfig, pool: list[str] | None) -> lis
     n = cfg.n_train + cfg.n_test
     if pool is not None:
         if len(pool) < n:
+            bounded = f" within --corpus_vocab {cfg.vocab_size} words" if cfg.vocab_size else ""
             raise ValueError(
-                f"the open-text pool has {len(pool)} sentences, fewer than --corpus_train + --corpus_test = {n}"
+                f"the open-text pool has {len(pool)} sentences{bounded}, fewer than --corpus_train + --corpus_test = "
+                f"{n}: ask for fewer utterances{' or a larger --corpus_vocab' if bounded else ''}"
             )
         return random.Random(cfg.seed).sample(pool, n)
     rng = random.Random(cfg.seed)
