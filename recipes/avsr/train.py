@@ -88,21 +88,25 @@ def run_seeds(config: RunConfig, accelerator, splits: dict[str, list[Utterance]]
     return seed_summary(runs)
 
 
+def corpus_config(config: RunConfig) -> SyntheticCorpusConfig:
+    """The embedded corpus a run builds (in ``config.data_dir``)."""
+    return SyntheticCorpusConfig(
+        n_train=config.corpus_train,
+        n_test=config.corpus_test,
+        seed=config.seed,
+        text=config.corpus_text,
+        vocab_size=config.corpus_vocab,
+        held_out_speakers=config.held_out_speakers,
+    )
+
+
 def prepare_data(config: RunConfig, accelerator, log: Log) -> dict[str, list[Utterance]]:
     """The train/test splits; for the embedded default, first the corpus and then the stand-in models (built by the
     main process, reused when already in ``output_dir``)."""
     if config.embedded:
         if accelerator.is_main_process:
             log(f"building the embedded corpus in {config.data_dir} (espeak-ng speech + phoneme-timed mouth video)")
-            corpus = SyntheticCorpusConfig(
-                n_train=config.corpus_train,
-                n_test=config.corpus_test,
-                seed=config.seed,
-                text=config.corpus_text,
-                vocab_size=config.corpus_vocab,
-                held_out_speakers=config.held_out_speakers,
-            )
-            build_synthetic_corpus(config.data_dir, corpus)
+            build_synthetic_corpus(config.data_dir, corpus_config(config))
         accelerator.wait_for_everyone()
     if not config.embedded:
         layout = detect_layout(config.data_dir) if config.layout == "auto" else config.layout

@@ -17,7 +17,7 @@ from recipes.avsr.data import real_speech
 from recipes.avsr.data.lrs3 import read_manifest
 from recipes.avsr.data.sentences import FORTUNES_DIR
 from recipes.avsr.model import load_audio_encoder, shorten_audio_window
-from recipes.avsr.train import main, uses_stand_ins
+from recipes.avsr.train import corpus_config, main, uses_stand_ins
 
 RECORDING = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
 
@@ -93,9 +93,24 @@ def test_real_defaults_give_way_to_explicit_flags():
 
 
 def test_embedded_corpus_options_are_refused_with_lrs3(tmp_path):
-    for flag in ("--corpus_text=open", "--held_out_speakers"):
-        with pytest.raises(ValueError, match="shape the embedded corpus; with --data_dir drop them"):
+    for flag in ("--corpus_text=open", "--corpus_vocab=500", "--held_out_speakers"):
+        with pytest.raises(ValueError, match="shape the embedded corpus; with --data_dir, drop them"):
             resolve_config(parse_args(["--real", "--data_dir", str(tmp_path), flag]))
+
+
+def test_the_published_real_tier_runs_were_made_on_the_corpus_real_builds():
+    published = json.loads((Path(__file__).parents[3] / "docs/results/avsr_real_asr_avsr.json").read_text())
+    corpus = corpus_config(resolve_config(parse_args(["--real"])))
+    assert corpus.fingerprint() == published["corpus_fingerprint"]  # merge_seeds can add new seeds to these runs
+
+
+def test_a_vocabulary_bound_needs_the_open_corpus():
+    config = resolve_config(parse_args(["--real", "--corpus_text", "open", "--corpus_vocab", "1200"]))
+    assert (corpus_config(config).text, corpus_config(config).vocab_size) == ("open", 1200)
+    assert corpus_config(resolve_config(parse_args(["--real", "--corpus_text", "open"]))).vocab_size is None
+    for argv in (["--real", "--corpus_vocab", "1200"], ["--real", "--corpus_text", "open", "--corpus_vocab", "0"]):
+        with pytest.raises(ValueError, match="--corpus_vocab .* pass --corpus_text open"):
+            resolve_config(parse_args(argv))
 
 
 def test_the_open_corpus_needs_a_pretrained_tokenizer():

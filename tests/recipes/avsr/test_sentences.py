@@ -1,6 +1,8 @@
 """The open-vocabulary corpus: sentences from Debian's fortunes package, and held-out test voices."""
 
+import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -64,3 +66,42 @@ def test_the_open_corpus_has_held_out_voices_and_disjoint_sentences(tmp_path):
 def test_an_unknown_text_source_is_refused():
     with pytest.raises(ValueError, match="one of \\('grid', 'open'\\)"):
         SyntheticCorpusConfig(text="wiki")
+
+
+def test_a_bounded_vocabulary_keeps_the_sentences_of_the_most_frequent_words():
+    pool = ["the cat sat", "the dog sat", "a cat ran", "the cat ran far"]  # the 3, cat 3, sat 2, ran 2, ...
+    assert sentences.within_vocabulary(pool, 4) == ["the cat sat"]
+    assert sentences.within_vocabulary(pool, 5) == ["the cat sat", "the dog sat"]  # dog: first of the ties
+    assert sentences.within_vocabulary(pool, 100) == pool
+    with pytest.raises(ValueError, match=">= 1 word"):
+        sentences.within_vocabulary(pool, 0)
+
+
+def test_vocabulary_stats_count_the_test_words_training_never_heard():
+    stats = sentences.vocabulary_stats(["the cat sat", "a dog"], ["the cat ran", "a bird"])
+    assert stats == {"train_word_types": 5, "test_word_types": 5, "test_oov_rate": 2 / 5}
+
+
+@needs_fortunes
+def test_a_bounded_open_corpus_draws_only_sentences_of_common_words(tmp_path):
+    cfg = SyntheticCorpusConfig(n_train=6, n_test=4, seed=3, text="open", vocab_size=300)
+    root = build_synthetic_corpus(tmp_path / "corpus", cfg)
+    texts = [u.text for split in ("train", "test") for u in scan_auto_avsr(root, find_split_csv(root, split))]
+    pool = sentences.fortune_sentences()
+    common = {w for w, _ in Counter(w for s in pool for w in s.split()).most_common(300)}
+    assert len(texts) == 10 and all(set(t.split()) <= common for t in texts)
+    words = json.loads((root / "corpus.json").read_text())["words"]
+    test = [u.text for u in scan_auto_avsr(root, find_split_csv(root, "test"))]
+    train = [u.text for u in scan_auto_avsr(root, find_split_csv(root, "train"))]
+    assert words == sentences.vocabulary_stats(train, test)
+    unbounded = SyntheticCorpusConfig(n_train=6, n_test=4, seed=3, text="open")
+    assert cfg.fingerprint() != unbounded.fingerprint()
+    with pytest.raises(ValueError, match="within --corpus_vocab 2 words, fewer than .* larger --corpus_vocab"):
+        build_synthetic_corpus(
+            tmp_path / "tiny", SyntheticCorpusConfig(n_train=6, n_test=4, text="open", vocab_size=2)
+        )
+
+
+def test_a_vocabulary_bound_is_refused_for_the_grammar():
+    with pytest.raises(ValueError, match="needs text='open'"):
+        SyntheticCorpusConfig(vocab_size=100)
