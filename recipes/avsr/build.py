@@ -75,6 +75,7 @@ def build_model(config: ModelConfig, modality: str) -> tuple[AVSRModel, object]:
         config.projector,
         config.projector_hidden,
         config.projector_layer_norm,
+        config.ctc_weight,
     )
     model.added_token_rows = range(n_rows, llm.get_input_embeddings().num_embeddings)  # saved with the run
     model.enable_feature_cache(config.cache_features)

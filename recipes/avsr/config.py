@@ -176,6 +176,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--projector_layer_norm", action="store_true")
     g.add_argument(
+        "--ctc_weight",
+        type=float,
+        default=0.0,
+        help="weight of an auxiliary CTC loss that scores each projected audio token against the LLM's embedding "
+        "matrix and asks the tokens to spell the transcript (recipes/avsr/alignment.py): it pulls the projector's "
+        "output towards the embeddings of the spoken tokens. Training only; 0 = off",
+    )
+    g.add_argument(
         "--lora_preset",
         choices=sorted(LORA_PRESETS),
         default="default",
@@ -268,6 +276,7 @@ class ModelConfig:
     projector: str = "stack"
     projector_hidden: int = 2048
     projector_layer_norm: bool = False
+    ctc_weight: float = 0.0  # auxiliary CTC loss aligning the audio tokens with the LLM's embeddings (0: off)
     llm_dtype: str = "fp32"
     audio_encoder_dtype: str = "fp32"
     audio_window: int | None = None  # seconds of Whisper input (None: the checkpoint's own, 30 s)
@@ -405,6 +414,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     if args.eval_only and args.experiment != "none":
         raise ValueError(f"--eval_only decodes one finished run; it does not apply to --experiment {args.experiment}")
     check_sweep_options(args)
+    if not (math.isfinite(args.ctc_weight) and args.ctc_weight >= 0):
+        raise ValueError(f"--ctc_weight must be a finite number >= 0 (0 turns it off), got {args.ctc_weight}")
+    if args.ctc_weight and "vsr" in args.modality:
+        raise ValueError(
+            "--ctc_weight aligns the audio tokens, and --modality vsr has none: drop vsr, or train it in a separate "
+            "run without --ctc_weight"
+        )
     output_dir = Path(args.output_dir)
     random_crop = not embedded if args.random_crop is None else args.random_crop
     augmenting = bool(args.train_snr_range) or args.time_mask
@@ -434,6 +450,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         projector=args.projector or ("stack" if args.experiment == "none" else "avg"),
         projector_hidden=args.projector_hidden or (512 if embedded and not args.real else 2048),
         projector_layer_norm=args.projector_layer_norm,
+        ctc_weight=args.ctc_weight,
         llm_dtype=args.llm_dtype or ("bf16" if args.real else "fp32"),
         audio_encoder_dtype=args.audio_encoder_dtype or ("bf16" if args.real else "fp32"),
         audio_window=args.audio_window or (REAL_AUDIO_WINDOW if args.real else None),

@@ -139,8 +139,8 @@ def train(
                 continue
             step += 1
             record = {"step": step, "loss": round(out.loss.item(), 4)}
-            if out.decorrelation_loss is not None:
-                record.update(ce=round(out.ce_loss.item(), 4), decor=round(out.decorrelation_loss.item(), 4))
+            parts = {"ce": out.ce_loss, "decor": out.decorrelation_loss, "ctc": out.ctc_loss}
+            record.update({name: round(v.item(), 4) for name, v in parts.items() if v is not None})
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=record["loss"])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .alignment import embedding_ctc_loss
 from .lip_encoder import video_hidden_size
 
 PROMPTS = {
@@ -235,6 +236,7 @@ class AVSROutput(ModelOutput):
     logits: torch.Tensor | None = None
     ce_loss: torch.Tensor | None = None
     decorrelation_loss: torch.Tensor | None = None
+    ctc_loss: torch.Tensor | None = None
 
 
 def batch_to(batch: dict, device: torch.device) -> dict:
@@ -254,6 +256,8 @@ class AVSRModel(nn.Module):
         projector: ``"stack"`` or ``"avg"``.
         projector_hidden: the projector MLP's hidden width (2048 in Llama-AVSR).
         projector_layer_norm: LayerNorm at the projector output.
+        ctc_weight: weight of the auxiliary CTC loss that aligns the audio tokens with the LLM's token embeddings
+            (:mod:`recipes.avsr.alignment`), added to the loss in training mode only; 0 = off.
     """
 
     def __init__(
@@ -268,17 +272,27 @@ class AVSRModel(nn.Module):
         projector: str = "stack",
         projector_hidden: int = 2048,
         projector_layer_norm: bool = False,
+        ctc_weight: float = 0.0,
     ):
         super().__init__()
         if modality not in PROMPTS:
             raise ValueError(f"modality must be one of {sorted(PROMPTS)}, got {modality!r}")
         uses_audio, uses_video = modality in ("asr", "avsr"), modality in ("vsr", "avsr")
+        if not (math.isfinite(ctc_weight) and ctc_weight >= 0):
+            raise ValueError(f"ctc_weight must be a finite number >= 0, got {ctc_weight}")
+        if ctc_weight and not uses_audio:
+            raise ValueError(
+                f"ctc_weight aligns the audio tokens, and modality {modality!r} has no audio: set it to 0"
+            )
         if uses_audio and audio_encoder is None:
             raise ValueError(f"modality {modality!r} needs an audio encoder")
         if uses_video and video_encoder is None:
             raise ValueError(f"modality {modality!r} needs a video encoder")
         self.modality, self.llm, self.tokenizer = modality, llm, tokenizer
         d_llm = llm.get_input_embeddings().weight.shape[1]
+        self.ctc_weight = ctc_weight
+        # the CTC blank of the alignment loss: a vector in the LLM's embedding space, trained with it
+        self.ctc_blank = nn.Parameter(torch.zeros(d_llm)) if ctc_weight else None
         self.audio_encoder = audio_encoder if uses_audio else None
         self.video_encoder = video_encoder if uses_video else None
         for enc in (self.audio_encoder, self.video_encoder):
@@ -371,29 +385,44 @@ class AVSRModel(nn.Module):
             video = self.video_proj(feats, lengths.to(feats.device))
         return audio, video
 
-    def assemble(self, batch: dict, with_transcript: bool, pad_left: bool = False) -> SequenceBatch:
-        """The batch as LLM input: the prefix, plus the transcript and EOS when ``with_transcript`` (training)."""
+    def assemble(
+        self, batch: dict, with_transcript: bool, pad_left: bool = False, streams: tuple | None = None
+    ) -> SequenceBatch:
+        """The batch as LLM input: the prefix, plus the transcript and EOS when ``with_transcript`` (training).
+
+        ``streams`` is :meth:`encode`'s output for this batch, when the caller already has it.
+        """
         if with_transcript and "transcript_ids" not in batch:
             raise ValueError(
                 "the batch has no transcript_ids; build its AVSRCollator with the LLM's tokenizer "
                 "(AVSRCollator(feature_extractor, tokenizer))"
             )
         batch = batch_to(batch, self.device)
-        audio, video = self.encode(batch)
+        audio, video = streams or self.encode(batch)
         transcripts = batch["transcript_ids"] if with_transcript else None
         return assemble_sequences(
             self.llm.get_input_embeddings(), self.ids, self.prompt_ids, audio, video, transcripts, pad_left
         )
 
     def forward(self, batch: dict, **kwargs):
-        """Teacher-forced pass; returns the LLM's output (``.loss`` is CE on the transcript, plus any tuner loss)."""
-        seq = self.assemble(batch, with_transcript=True)
+        """Teacher-forced pass; returns the LLM's output (``.loss`` is CE on the transcript, plus any tuner loss and,
+        in training with ``ctc_weight``, the weighted CTC alignment loss)."""
+        streams = self.encode(batch_to(batch, self.device))
+        seq = self.assemble(batch, with_transcript=True, streams=streams)
         out = self.llm(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, labels=seq.labels, **kwargs)
+        loss, ctc = out.loss, None
+        if self.training and self.ctc_weight:
+            tokens, lengths = streams[0]
+            embedding = self.llm.get_input_embeddings().weight
+            ctc = embedding_ctc_loss(tokens, lengths, embedding, self.ctc_blank, batch["transcript_ids"])
+            if ctc is not None:
+                loss = loss + self.ctc_weight * ctc
         return AVSROutput(
-            loss=out.loss,
+            loss=loss,
             logits=out.logits,
-            ce_loss=getattr(out, "ce_loss", None),
+            ce_loss=getattr(out, "ce_loss", out.loss if ctc is not None else None),
             decorrelation_loss=getattr(out, "decorrelation_loss", None),
+            ctc_loss=ctc,
         )
 
     @torch.no_grad()

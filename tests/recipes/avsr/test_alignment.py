@@ -1,0 +1,162 @@
+"""The auxiliary CTC loss aligning projected audio tokens with the LLM's token embeddings (--ctc_weight)."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from recipes.avsr.alignment import ctc_frames_needed, embedding_ctc_loss
+from recipes.avsr.config import parse_args, resolve_config
+from recipes.avsr.data.collate import AVSRCollator
+from recipes.avsr.data.synthetic import GRAMMAR
+from recipes.avsr.model import AVSRModel
+from recipes.avsr.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
+from recipes.avsr.weights import RUN_FILE, read_run
+
+WORDS = [w for ws in GRAMMAR.values() for w in ws]
+BLANK = -1  # in a spelling below: the blank vector
+
+
+def _embedding(vocab: int = 13, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A vocabulary of ``vocab - 1`` unit vectors and a blank vector."""
+    rows = torch.nn.functional.normalize(torch.randn(vocab, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return rows[:-1], rows[-1]
+
+
+def _spelling(vectors: tuple[torch.Tensor, torch.Tensor], frames: list[int], scale: float = 30.0) -> torch.Tensor:
+    """Tokens that are (scaled) embedding rows or the blank: frame t 'says' token frames[t]."""
+    embedding, blank = vectors
+    return scale * torch.stack([blank if f == BLANK else embedding[f] for f in frames])
+
+
+def test_frames_needed_counts_a_blank_between_repeats():
+    assert ctc_frames_needed([3, 4, 5]) == 3
+    assert ctc_frames_needed([3, 3, 5, 5, 5]) == 8
+    assert ctc_frames_needed([]) == 0
+
+
+def test_tokens_that_spell_the_transcript_have_a_low_loss_and_others_a_high_one():
+    vectors = _embedding()
+    target = [3, 7, 7, 2]
+    spelled = _spelling(vectors, [3, 3, BLANK, 7, BLANK, 7, 2, BLANK])  # a valid CTC path
+    other = _spelling(vectors, [5, 9, 5, 9, 11, 10, 11, 10])
+    no_blank = _spelling(vectors, [3, 3, 0, 7, 0, 7, 2, 0])  # token 0 where the blank belongs
+    tokens = torch.stack([spelled, other, no_blank])
+    lengths = torch.tensor([8, 8, 8])
+
+    def loss(rows):
+        return embedding_ctc_loss(tokens[rows], lengths[rows], *vectors, [target] * len(rows))
+
+    good, bad, wrong_blank = loss([0]), loss([1]), loss([2])
+    assert good < 0.5 < 5 < bad
+    assert wrong_blank > 5  # the blank is a class of its own, no vocabulary token stands in for it
+    assert torch.allclose(loss([0, 1]), (good + bad) / 2)  # the mean over utterances
+
+
+def test_padding_tokens_beyond_the_length_are_ignored():
+    vectors = _embedding()
+    tokens = _spelling(vectors, [3, BLANK, 7, 2])[None]
+    padded = torch.cat([tokens, 100 * torch.randn(1, 5, 16)], dim=1)
+    short = embedding_ctc_loss(tokens, torch.tensor([4]), *vectors, [[3, 7, 2]])
+    long = embedding_ctc_loss(padded, torch.tensor([4]), *vectors, [[3, 7, 2]])
+    assert torch.allclose(short, long)
+
+
+def test_the_gradient_reaches_the_tokens_and_the_blank_not_the_embedding():
+    embedding, blank = (v.requires_grad_(True) for v in _embedding())
+    tokens = torch.randn(1, 6, 16, requires_grad=True)
+    embedding_ctc_loss(tokens, torch.tensor([6]), embedding, blank, [[1, 2, 3]]).backward()
+    assert tokens.grad.abs().sum() > 0 and blank.grad.abs().sum() > 0
+    assert embedding.grad is None
+
+
+def test_utterances_too_short_for_their_transcript_are_left_out_with_a_warning():
+    vectors = _embedding()
+    tokens = torch.randn(2, 4, 16)
+    lengths = torch.tensor([4, 2])
+    targets = [[1, 2], [1, 1, 2]]  # the second needs 4 tokens (a blank between the repeats), it has 2
+    with pytest.warns(UserWarning, match="lower --audio_rate"):
+        loss = embedding_ctc_loss(tokens, lengths, *vectors, targets)
+    alone = embedding_ctc_loss(tokens[:1], lengths[:1], *vectors, targets[:1])
+    assert torch.allclose(loss, alone)
+    with pytest.warns(UserWarning, match="2 of 2"):
+        assert embedding_ctc_loss(tokens, torch.tensor([1, 1]), *vectors, targets) is None
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(WORDS)
+    audio_encoder, extractor = tiny_audio_encoder(seconds=2, d_model=32, layers=1, heads=2)
+    return tokenizer, audio_encoder, extractor
+
+
+def _model(tokenizer, audio_encoder, ctc_weight: float) -> AVSRModel:
+    torch.manual_seed(1)
+    llm = tiny_llm(tokenizer, hidden_size=32, layers=2, heads=2)
+    llm = get_peft_model(
+        llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    torch.manual_seed(2)
+    return AVSRModel(llm, tokenizer, "asr", audio_encoder, audio_rate=1, projector_hidden=16, ctc_weight=ctc_weight)
+
+
+def _batch(extractor, tokenizer):
+    rng = torch.Generator().manual_seed(0)
+    items = [
+        {"uid": f"u{i}", "text": t, "audio": torch.randn(n * 640, generator=rng).numpy() * 0.1}
+        for i, (n, t) in enumerate([(10, "place blue at f two now"), (7, "set red by q nine soon")])
+    ]
+    return AVSRCollator(extractor, tokenizer)(items)
+
+
+def test_the_model_adds_the_weighted_ctc_loss_in_training_only(parts):
+    tokenizer, audio_encoder, extractor = parts
+    batch = _batch(extractor, tokenizer)
+    plain, aligned = _model(tokenizer, audio_encoder, 0.0).train(), _model(tokenizer, audio_encoder, 0.5).train()
+    off, on = plain(batch), aligned(batch)
+    assert plain.ctc_blank is None and aligned.ctc_blank.requires_grad  # the blank exists only with the loss
+    assert off.ctc_loss is None
+    assert on.ctc_loss > 0
+    assert torch.allclose(on.ce_loss, off.loss, atol=1e-6)  # same initialisation, same CE
+    assert torch.allclose(on.loss, on.ce_loss + 0.5 * on.ctc_loss, atol=1e-6)
+    aligned.eval()
+    evaluated = aligned(batch)
+    assert evaluated.ctc_loss is None  # validation losses stay the CE alone
+    assert torch.allclose(evaluated.loss, off.loss, atol=1e-6)
+
+
+def test_training_the_projector_on_the_ctc_loss_lowers_it(parts):
+    tokenizer, audio_encoder, extractor = parts
+    batch = _batch(extractor, tokenizer)
+    model = _model(tokenizer, audio_encoder, 1.0).train()
+    optimizer = torch.optim.Adam([*model.audio_proj.parameters(), model.ctc_blank], lr=1e-2)
+    losses = []
+    for _ in range(60):
+        ctc = model(batch).ctc_loss
+        losses.append(ctc.item())
+        optimizer.zero_grad()
+        ctc.backward()
+        optimizer.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_ctc_weight_needs_audio_and_a_sane_value(parts):
+    tokenizer, audio_encoder, _ = parts
+    with pytest.raises(ValueError, match="finite"):
+        _model(tokenizer, audio_encoder, float("nan"))
+    with pytest.raises(ValueError, match=">= 0"):
+        resolve_config(parse_args(["--ctc_weight", "-1"]))
+    with pytest.raises(ValueError, match="drop vsr"):
+        resolve_config(parse_args(["--ctc_weight", "1", "--modality", "asr", "vsr"]))
+    config = resolve_config(parse_args(["--ctc_weight", "0.3", "--modality", "asr", "avsr"]))
+    assert config.model.ctc_weight == 0.3
+    assert resolve_config(parse_args([])).model.ctc_weight == 0.0
+
+
+def test_a_run_saved_before_the_option_reads_back_without_it(tmp_path):
+    config = resolve_config(parse_args([])).model
+    saved = {k: v for k, v in json.loads(json.dumps(config.__dict__)).items() if k != "ctc_weight"}
+    (tmp_path / RUN_FILE).write_text(json.dumps({"modality": "asr", "model": saved}))
+    assert read_run(tmp_path)[1].ctc_weight == 0.0
