@@ -143,7 +143,7 @@ def train(
             record.update({name: round(v.item(), 4) for name, v in parts.items() if v is not None})
             history.append(record)
             bar.update(1)
-            bar.set_postfix(loss=record["loss"])
+            bar.set_postfix({k: v for k, v in record.items() if k != "step"})  # the loss and its parts
             if config.save_every and step % config.save_every == 0:
                 state = {"step": step, "epoch": epoch, "batches": done, "history": history}
                 save_checkpoint(accelerator, run_dir, step, state, config.checkpoints_total_limit)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .alignment import embedding_ctc_loss
+from .alignment import EmbeddingCTCHead
 from .lip_encoder import video_hidden_size
 
 PROMPTS = {
@@ -291,8 +291,7 @@ class AVSRModel(nn.Module):
         self.modality, self.llm, self.tokenizer = modality, llm, tokenizer
         d_llm = llm.get_input_embeddings().weight.shape[1]
         self.ctc_weight = ctc_weight
-        # the CTC blank of the alignment loss: a vector in the LLM's embedding space, trained with it
-        self.ctc_blank = nn.Parameter(torch.zeros(d_llm)) if ctc_weight else None
+        self.ctc_head = EmbeddingCTCHead(d_llm) if ctc_weight else None  # the alignment loss's blank and scale
         self.audio_encoder = audio_encoder if uses_audio else None
         self.video_encoder = video_encoder if uses_video else None
         for enc in (self.audio_encoder, self.video_encoder):
@@ -414,7 +413,7 @@ class AVSRModel(nn.Module):
         if self.training and self.ctc_weight:
             tokens, lengths = streams[0]
             embedding = self.llm.get_input_embeddings().weight
-            ctc = embedding_ctc_loss(tokens, lengths, embedding, self.ctc_blank, batch["transcript_ids"])
+            ctc = self.ctc_head(tokens, lengths, embedding, batch["transcript_ids"])
             if ctc is not None:
                 loss = loss + self.ctc_weight * ctc
         return AVSROutput(

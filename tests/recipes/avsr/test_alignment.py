@@ -1,12 +1,13 @@
 """The auxiliary CTC loss aligning projected audio tokens with the LLM's token embeddings (--ctc_weight)."""
 
 import json
+import math
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from recipes.avsr.alignment import ctc_frames_needed, embedding_ctc_loss
+from recipes.avsr.alignment import EmbeddingCTCHead, ctc_frames_needed
 from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.data.collate import AVSRCollator
 from recipes.avsr.data.synthetic import GRAMMAR
@@ -15,19 +16,19 @@ from recipes.avsr.stand_ins import build_word_tokenizer, tiny_audio_encoder, tin
 from recipes.avsr.weights import RUN_FILE, read_run
 
 WORDS = [w for ws in GRAMMAR.values() for w in ws]
-BLANK = -1  # in a spelling below: the blank vector
+BLANK = -1  # in a spelling below: the head's blank vector
+DIM = 16
 
 
-def _embedding(vocab: int = 13, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """A vocabulary of ``vocab - 1`` unit vectors and a blank vector."""
-    rows = torch.nn.functional.normalize(torch.randn(vocab, dim, generator=torch.Generator().manual_seed(0)), dim=-1)
-    return rows[:-1], rows[-1]
+def _head_and_embedding(vocab: int = 12) -> tuple[EmbeddingCTCHead, torch.Tensor]:
+    """The head (blank and cosine scale 10) and a vocabulary of random embedding rows."""
+    return EmbeddingCTCHead(DIM), torch.randn(vocab, DIM, generator=torch.Generator().manual_seed(1))
 
 
-def _spelling(vectors: tuple[torch.Tensor, torch.Tensor], frames: list[int], scale: float = 30.0) -> torch.Tensor:
-    """Tokens that are (scaled) embedding rows or the blank: frame t 'says' token frames[t]."""
-    embedding, blank = vectors
-    return scale * torch.stack([blank if f == BLANK else embedding[f] for f in frames])
+def _spelling(head: EmbeddingCTCHead, embedding: torch.Tensor, frames: list[int]) -> torch.Tensor:
+    """Tokens pointing along embedding rows or the blank (any norm): frame t 'says' token frames[t]."""
+    norms = torch.linspace(0.5, 5, len(frames))[:, None]
+    return norms * torch.stack([head.blank.detach() if f == BLANK else embedding[f] for f in frames])
 
 
 def test_frames_needed_counts_a_blank_between_repeats():
@@ -37,16 +38,18 @@ def test_frames_needed_counts_a_blank_between_repeats():
 
 
 def test_tokens_that_spell_the_transcript_have_a_low_loss_and_others_a_high_one():
-    vectors = _embedding()
+    head, embedding = _head_and_embedding()
+    with torch.no_grad():
+        head.log_scale.fill_(math.log(30.0))  # a confident head
     target = [3, 7, 7, 2]
-    spelled = _spelling(vectors, [3, 3, BLANK, 7, BLANK, 7, 2, BLANK])  # a valid CTC path
-    other = _spelling(vectors, [5, 9, 5, 9, 11, 10, 11, 10])
-    no_blank = _spelling(vectors, [3, 3, 0, 7, 0, 7, 2, 0])  # token 0 where the blank belongs
+    spelled = _spelling(head, embedding, [3, 3, BLANK, 7, BLANK, 7, 2, BLANK])  # a valid CTC path
+    other = _spelling(head, embedding, [5, 9, 5, 9, 11, 10, 11, 10])
+    no_blank = _spelling(head, embedding, [3, 3, 0, 7, 0, 7, 2, 0])  # token 0 where the blank belongs
     tokens = torch.stack([spelled, other, no_blank])
     lengths = torch.tensor([8, 8, 8])
 
     def loss(rows):
-        return embedding_ctc_loss(tokens[rows], lengths[rows], *vectors, [target] * len(rows))
+        return head(tokens[rows], lengths[rows], embedding, [target] * len(rows))
 
     good, bad, wrong_blank = loss([0]), loss([1]), loss([2])
     assert good < 0.5 < 5 < bad
@@ -55,33 +58,45 @@ def test_tokens_that_spell_the_transcript_have_a_low_loss_and_others_a_high_one(
 
 
 def test_padding_tokens_beyond_the_length_are_ignored():
-    vectors = _embedding()
-    tokens = _spelling(vectors, [3, BLANK, 7, 2])[None]
-    padded = torch.cat([tokens, 100 * torch.randn(1, 5, 16)], dim=1)
-    short = embedding_ctc_loss(tokens, torch.tensor([4]), *vectors, [[3, 7, 2]])
-    long = embedding_ctc_loss(padded, torch.tensor([4]), *vectors, [[3, 7, 2]])
+    head, embedding = _head_and_embedding()
+    tokens = _spelling(head, embedding, [3, BLANK, 7, 2])[None]
+    padded = torch.cat([tokens, 100 * torch.randn(1, 5, DIM)], dim=1)
+    short = head(tokens, torch.tensor([4]), embedding, [[3, 7, 2]])
+    long = head(padded, torch.tensor([4]), embedding, [[3, 7, 2]])
     assert torch.allclose(short, long)
 
 
-def test_the_gradient_reaches_the_tokens_and_the_blank_not_the_embedding():
-    embedding, blank = (v.requires_grad_(True) for v in _embedding())
-    tokens = torch.randn(1, 6, 16, requires_grad=True)
-    embedding_ctc_loss(tokens, torch.tensor([6]), embedding, blank, [[1, 2, 3]]).backward()
-    assert tokens.grad.abs().sum() > 0 and blank.grad.abs().sum() > 0
+def test_the_gradient_reaches_the_tokens_and_the_head_not_the_embedding():
+    head, embedding = _head_and_embedding()
+    embedding.requires_grad_(True)
+    tokens = torch.randn(1, 6, DIM, requires_grad=True)
+    head(tokens, torch.tensor([6]), embedding, [[1, 2, 3]]).backward()
+    assert tokens.grad.abs().sum() > 0
+    assert head.blank.grad.abs().sum() > 0 and head.log_scale.grad != 0
     assert embedding.grad is None
 
 
+def test_a_bf16_embedding_gives_the_fp32_loss_to_bf16_precision():
+    head, embedding = _head_and_embedding(vocab=200)
+    tokens = torch.randn(2, 9, DIM)
+    lengths, targets = torch.tensor([9, 7]), [[5, 6, 7], [8, 9]]
+    full = head(tokens, lengths, embedding, targets)
+    half = head(tokens, lengths, embedding.bfloat16(), targets)
+    assert half.dtype == torch.float32
+    assert abs(half - full) < 0.02 * full
+
+
 def test_utterances_too_short_for_their_transcript_are_left_out_with_a_warning():
-    vectors = _embedding()
-    tokens = torch.randn(2, 4, 16)
+    head, embedding = _head_and_embedding()
+    tokens = torch.randn(2, 4, DIM)
     lengths = torch.tensor([4, 2])
     targets = [[1, 2], [1, 1, 2]]  # the second needs 4 tokens (a blank between the repeats), it has 2
     with pytest.warns(UserWarning, match="lower --audio_rate"):
-        loss = embedding_ctc_loss(tokens, lengths, *vectors, targets)
-    alone = embedding_ctc_loss(tokens[:1], lengths[:1], *vectors, targets[:1])
+        loss = head(tokens, lengths, embedding, targets)
+    alone = head(tokens[:1], lengths[:1], embedding, targets[:1])
     assert torch.allclose(loss, alone)
     with pytest.warns(UserWarning, match="2 of 2"):
-        assert embedding_ctc_loss(tokens, torch.tensor([1, 1]), *vectors, targets) is None
+        assert head(tokens, torch.tensor([1, 1]), embedding, targets) is None
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +131,8 @@ def test_the_model_adds_the_weighted_ctc_loss_in_training_only(parts):
     batch = _batch(extractor, tokenizer)
     plain, aligned = _model(tokenizer, audio_encoder, 0.0).train(), _model(tokenizer, audio_encoder, 0.5).train()
     off, on = plain(batch), aligned(batch)
-    assert plain.ctc_blank is None and aligned.ctc_blank.requires_grad  # the blank exists only with the loss
+    assert plain.ctc_head is None and aligned.ctc_head.blank.requires_grad  # the head exists only with the loss
+    assert torch.equal(plain.audio_proj.mlp[0].weight, aligned.audio_proj.mlp[0].weight)  # same projector init
     assert off.ctc_loss is None
     assert on.ctc_loss > 0
     assert torch.allclose(on.ce_loss, off.loss, atol=1e-6)  # same initialisation, same CE
@@ -131,7 +147,7 @@ def test_training_the_projector_on_the_ctc_loss_lowers_it(parts):
     tokenizer, audio_encoder, extractor = parts
     batch = _batch(extractor, tokenizer)
     model = _model(tokenizer, audio_encoder, 1.0).train()
-    optimizer = torch.optim.Adam([*model.audio_proj.parameters(), model.ctc_blank], lr=1e-2)
+    optimizer = torch.optim.Adam([*model.audio_proj.parameters(), *model.ctc_head.parameters()], lr=1e-2)
     losses = []
     for _ in range(60):
         ctc = model(batch).ctc_loss
@@ -160,3 +176,34 @@ def test_a_run_saved_before_the_option_reads_back_without_it(tmp_path):
     saved = {k: v for k, v in json.loads(json.dumps(config.__dict__)).items() if k != "ctc_weight"}
     (tmp_path / RUN_FILE).write_text(json.dumps({"modality": "asr", "model": saved}))
     assert read_run(tmp_path)[1].ctc_weight == 0.0
+
+
+def test_a_recipe_run_with_the_ctc_loss_logs_it_resumes_exactly_and_decodes_again_from_final(tmp_path):
+    from safetensors.torch import load_file
+
+    from recipes.avsr.train import main
+    from tests.recipes.avsr.test_recipe import SMALL
+
+    out = tmp_path / "run"
+    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "4", "--save_every", "2",
+                      "--no-eval_untrained", "--ctc_weight", "0.5"]  # fmt: skip
+    trained = main(common)["asr"]
+    log = json.loads((out / "asr" / "train_log.json").read_text())
+    assert [h["step"] for h in log] == [1, 2, 3, 4]
+    for h in log:  # the loss is the CE plus the weighted CTC term, step by step
+        assert h["ctc"] > 0 and abs(h["loss"] - (h["ce"] + 0.5 * h["ctc"])) < 1e-3
+    checkpoint = load_file(out / "asr" / "checkpoints" / "step_2" / "trainable_0.safetensors")
+    assert {"ctc_head.blank", "ctc_head.log_scale"} <= set(checkpoint)  # a resumed run continues from the trained head
+    final = out / "asr" / "final"
+    weights = load_file(final / "projectors.safetensors")
+
+    main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2")])  # the blank is restored with the rest
+    resumed = load_file(final / "projectors.safetensors")
+    assert all(torch.allclose(weights[k], resumed[k], atol=1e-6) for k in weights)
+    again = json.loads((out / "asr" / "train_log.json").read_text())
+    assert all(abs(a["ctc"] - b["ctc"]) < 1e-4 for a, b in zip(log, again))
+
+    assert read_run(final)[1].ctc_weight == 0.5
+    evaluated = main(common + ["--eval_only", "--resume_from", str(final)])["asr"]
+    assert evaluated["test"] == json.loads((out / "asr" / "results.json").read_text())["test"]
+    assert trained["training"]["trainable_params"] == sum(t.numel() for t in checkpoint.values())
