@@ -55,9 +55,7 @@ class EmbeddingCTCHead(nn.Module):
         if not bool(usable.any()):
             return None
         rows = usable.nonzero().flatten().tolist()
-        dtype = embedding.dtype
-        classes = nn.functional.normalize(torch.cat([embedding.detach(), self.blank[None].to(dtype)]), dim=-1)
-        cosines = nn.functional.normalize(tokens[rows], dim=-1).to(dtype) @ classes.T  # B', T, V + 1
+        cosines = self._cosines(tokens[rows], embedding)  # B', T, V + 1
         log_probs = (self.log_scale.exp() * cosines.float()).log_softmax(-1).transpose(0, 1)  # T, B', V + 1
         flat = torch.tensor([i for r in rows for i in targets[r]], dtype=torch.long, device=tokens.device)
         return nn.functional.ctc_loss(
@@ -65,6 +63,23 @@ class EmbeddingCTCHead(nn.Module):
             flat,
             input_lengths=lengths[rows].to(tokens.device),
             target_lengths=torch.tensor([len(targets[r]) for r in rows], dtype=torch.long, device=tokens.device),
-            blank=len(classes) - 1,
+            blank=len(embedding),
             reduction="mean",
         )
+
+    def _cosines(self, tokens: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """Cosine of every token ``[B, T, d]`` to every embedding row and the blank: ``[B, T, V + 1]``."""
+        dtype = embedding.dtype
+        classes = nn.functional.normalize(torch.cat([embedding.detach(), self.blank[None].to(dtype)]), dim=-1)
+        return nn.functional.normalize(tokens, dim=-1).to(dtype) @ classes.T
+
+    @torch.no_grad()
+    def greedy(self, tokens: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor) -> list[list[int]]:
+        """CTC's greedy reading of each utterance's valid tokens: the best class per token, repeats merged, blanks
+        dropped. It shows what the projector spells on its own, without the LLM."""
+        best = self._cosines(tokens, embedding).argmax(-1).tolist()
+        blank, out = len(embedding), []
+        for row, n in zip(best, lengths.tolist()):
+            merged = [c for i, c in enumerate(row[:n]) if i == 0 or c != row[i - 1]]
+            out.append([c for c in merged if c != blank])
+        return out

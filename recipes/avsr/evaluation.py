@@ -38,6 +38,24 @@ def decode(
     return rows
 
 
+@torch.no_grad()
+def decode_ctc(accelerator: Accelerator, model, loader, desc: str) -> list[dict]:
+    """``{"uid", "ref", "hyp"}`` rows of what the audio projector spells through the CTC alignment head alone
+    (:meth:`AVSRModel.ctc_transcripts`)."""
+    from tqdm.auto import tqdm
+
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    rows = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        if batch["uids"]:
+            hyps = model.ctc_transcripts(batch)
+            rows += [
+                {"uid": u, "ref": r, "hyp": normalize_text(h)} for u, r, h in zip(batch["uids"], batch["texts"], hyps)
+            ]
+    return rows
+
+
 def score(rows: list[dict]) -> dict:
     """WER and CER (jiwer) on lower-cased, punctuation-free words."""
     import jiwer

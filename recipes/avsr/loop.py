@@ -20,7 +20,7 @@ from .config import ModelConfig, RunConfig, TrainConfig
 from .controls import chance_baseline
 from .data.loader import make_loader
 from .data.lrs3 import Utterance
-from .evaluation import decode, score, swap_controls, validation_loss
+from .evaluation import decode, decode_ctc, score, swap_controls, validation_loss
 from .model import AVSRModel
 from .weights import load_final, read_run, register_trainable_checkpointing, save_final
 
@@ -230,6 +230,7 @@ def run(
         log(f"[{modality}] final weights: the average of {', '.join(p.name for p in used)}")
     rows = decode(accelerator, model, test_loader, f"decode {modality}", skipped=skipped, **beams)
     _finish(results, rows, skipped, accelerator, run_dir, modality, log)
+    _ctc_test(results, accelerator, model, test_loader, log)
     _controls(results, config, accelerator, model, test_loader, train_utts, rows, skipped, log)
     _noisy_tests(results, config, accelerator, model, extractor, splits["test"], train_utts, run_dir, log)
     _real_speech(results, config, accelerator, model, extractor, splits, run_dir, log)
@@ -263,6 +264,7 @@ def evaluate_final(
     beams = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
     rows = decode(accelerator, model, test_loader, f"decode {modality}", skipped=skipped, **beams)
     _finish(results, rows, skipped, accelerator, run_dir, modality, log)
+    _ctc_test(results, accelerator, model, test_loader, log)
     _controls(results, config, accelerator, model, test_loader, splits["train"], rows, skipped, log)
     _noisy_tests(results, config, accelerator, model, extractor, splits["test"], splits["train"], run_dir, log)
     _real_speech(results, config, accelerator, model, extractor, splits, run_dir, log)
@@ -276,6 +278,14 @@ def split_validation(train: list[Utterance], n: int) -> tuple[list[Utterance], l
     if n >= len(train):
         raise ValueError(f"--val_utts {n} would leave no training utterance (the split has {len(train)})")
     return (train[:-n], train[-n:]) if n else (train, [])
+
+
+def _ctc_test(results, accelerator, model, test_loader, log) -> None:
+    """With the CTC alignment loss: ``results["ctc_test"]``, the WER of what the projector spells on its own."""
+    if accelerator.unwrap_model(model).ctc_head is None:
+        return
+    results["ctc_test"] = score(decode_ctc(accelerator, model, test_loader, f"decode {results['modality']} (CTC)"))
+    log(f"[{results['modality']}] test WER of the projector's own CTC reading: {results['ctc_test']['wer']:.2f}%")
 
 
 def _controls(results, config: RunConfig, accelerator, model, test_loader, train_utts, rows, skipped, log) -> None:
@@ -335,6 +345,7 @@ def _describe(model_config: ModelConfig, modality: str) -> dict:
         "projector": model_config.projector,
         "decor_weight": model_config.decor_weight,
         "llm": model_config.llm,
+        **({"ctc_weight": model_config.ctc_weight} if model_config.ctc_weight else {}),  # absent: no CTC loss
     }
 
 

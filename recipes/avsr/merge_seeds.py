@@ -3,8 +3,8 @@ in separate processes (for example one seed per process, side by side), as if on
 
 Each RUN is a recipe ``--output_dir``: a plain run (``results.json`` holds a list of results, one per modality) or a
 ``--seeds`` run (``{"runs": [...]}``). Runs must share their corpus (the embedded corpus's fingerprint, when there is
-one) and, per modality, the settings the table depends on (rates, projector, λ, LLM, steps, learning rate); a
-(seed, modality) may come from one run only.
+one) and, per modality, the settings the table depends on (rates, projector, λ, CTC weight, LLM, steps, learning
+rate); a (seed, modality) may come from one run only.
 """
 
 from __future__ import annotations

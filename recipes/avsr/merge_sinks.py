@@ -4,7 +4,7 @@ had made them.
 
 Each RUN is a recipe ``--output_dir`` (or its ``sinks/`` folder). Its rows are read from ``sinks/sinks.json``; every
 trained cell's ``results.json`` must agree across runs on the settings the table depends on (modality, rates,
-projector, λ, LLM, steps, learning rate), and a (seed, cell) may come from one run only.
+projector, λ, CTC weight, LLM, steps, learning rate), and a (seed, cell) may come from one run only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .sinks import write_report
 
-SETTINGS = ("modality", "audio_rate", "video_rate", "projector", "decor_weight", "llm")
+SETTINGS = ("modality", "audio_rate", "video_rate", "projector", "decor_weight", "llm", "ctc_weight")
 TRAINING = ("steps", "lr")
 
 

@@ -440,6 +440,18 @@ class AVSRModel(nn.Module):
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
+    @torch.no_grad()
+    def ctc_transcripts(self, batch: dict) -> list[str]:
+        """What the audio projector spells through the CTC alignment head alone (greedy), without the LLM."""
+        if self.ctc_head is None:
+            raise ValueError("the model has no CTC alignment head: build it with ctc_weight > 0")
+        tokens, lengths = self.encode(batch_to(batch, self.device))[0]
+        ids = self.ctc_head.greedy(tokens, lengths, self.llm.get_input_embeddings().weight)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
     def projector_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable non-LLM weights (the projectors), for safetensors."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("audio_proj.", "video_proj."))}
+        """Trainable non-LLM weights (the projectors and the CTC alignment head, when there is one), for
+        safetensors."""
+        return {
+            k: v for k, v in self.state_dict().items() if k.startswith(("audio_proj.", "video_proj.", "ctc_head."))
+        }

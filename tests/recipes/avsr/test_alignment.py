@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,27 @@ def test_a_bf16_embedding_gives_the_fp32_loss_to_bf16_precision():
     half = head(tokens, lengths, embedding.bfloat16(), targets)
     assert half.dtype == torch.float32
     assert abs(half - full) < 0.02 * full
+
+
+def test_the_greedy_reading_merges_repeats_and_drops_blanks_within_the_length():
+    head, embedding = _head_and_embedding()
+    spelled = _spelling(head, embedding, [3, 3, BLANK, 7, BLANK, 7, 2, 2, 5])
+    assert head.greedy(spelled[None], torch.tensor([8]), embedding) == [[3, 7, 7, 2]]  # the 9th token is padding
+
+
+def test_runs_with_and_without_the_ctc_loss_do_not_merge(tmp_path):
+    from recipes.avsr.merge_seeds import merge
+
+    def run(name: str, seed: int, **extra) -> Path:
+        result = {"seed": seed, "modality": "asr", "audio_rate": 4, "llm": "smollm2", "training": {"steps": 300}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps([result | extra]))
+        return tmp_path / name
+
+    plain, aligned, aligned_too = run("a", 0), run("b", 1, ctc_weight=1.0), run("c", 2, ctc_weight=1.0)
+    assert len(merge([aligned, aligned_too])) == 2
+    with pytest.raises(ValueError, match="ctc_weight"):
+        merge([plain, aligned])
 
 
 def test_utterances_too_short_for_their_transcript_are_left_out_with_a_warning():
@@ -203,7 +225,10 @@ def test_a_recipe_run_with_the_ctc_loss_logs_it_resumes_exactly_and_decodes_agai
     again = json.loads((out / "asr" / "train_log.json").read_text())
     assert all(abs(a["ctc"] - b["ctc"]) < 1e-4 for a, b in zip(log, again))
 
+    assert {"ctc_head.blank", "ctc_head.log_scale"} <= set(weights)  # final/ keeps the head: the CTC reading again
+    assert trained["ctc_weight"] == 0.5 and 0 <= trained["ctc_test"]["wer"] and trained["ctc_test"]["n"] == 4
     assert read_run(final)[1].ctc_weight == 0.5
     evaluated = main(common + ["--eval_only", "--resume_from", str(final)])["asr"]
-    assert evaluated["test"] == json.loads((out / "asr" / "results.json").read_text())["test"]
+    saved = json.loads((out / "asr" / "results.json").read_text())
+    assert evaluated["test"] == saved["test"] and evaluated["ctc_test"] == saved["ctc_test"]
     assert trained["training"]["trainable_params"] == sum(t.numel() for t in checkpoint.values())
