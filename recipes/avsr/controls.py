@@ -114,10 +114,14 @@ def field_snr(field: str) -> str | None:
 
 
 def seed_table(summary: dict[str, dict]) -> str:
-    """The Markdown table of :func:`seed_summary`: mean ± std (n seeds) per modality; – where not measured."""
+    """The Markdown table of :func:`seed_summary`: mean ± std (n seeds) per modality, the value alone for one seed
+    (no spread measured); – where not measured."""
 
     def cell(entry: dict, field: str) -> str:
-        return f"{entry[field]['mean']:.2f} ± {entry[field]['std']:.2f}" if field in entry else "–"
+        if field not in entry:
+            return "–"
+        value = entry[field]
+        return f"{value['mean']:.2f}" + (f" ± {value['std']:.2f}" if value["n"] > 1 else "")
 
     noisy = list(dict.fromkeys(f for entry in summary.values() for f in entry if field_snr(f) is not None))
     headers = "".join(f" | WER at {field_snr(f)} dB %" for f in noisy)

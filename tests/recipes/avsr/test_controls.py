@@ -61,6 +61,8 @@ def test_seed_summary_is_mean_and_sample_std_over_seeds():
     assert summary["wer_swap_audio"]["mean"] == round(statistics.fmean([70, 75, 90]), 2)
     assert "wer_swap_video" not in summary  # not measured for asr
     assert f"{summary['wer']['mean']:.2f} ± {summary['wer']['std']:.2f}" in seed_table({"asr": summary})
+    single = seed_table(seed_summary(runs[:1]))  # one seed measures no spread: the value alone, no "± 0.00"
+    assert "| asr | 0 | 10.00 | 5.00 | 80.00 |" in single and "±" not in single
 
 
 def _noisy_run(modality: str, seed: int, clean: float, at_0_db: float | None = None) -> dict:
