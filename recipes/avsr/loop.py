@@ -312,7 +312,8 @@ def _noisy_tests(results, config: RunConfig, accelerator, model, extractor, test
     for snr in config.test_snrs:
         noisy = dataclasses.replace(config.loader, test_snr_db=snr)
         loader = make_loader(noisy, test, modality, extractor, model.tokenizer, False, babble_from=babble_from)
-        rows = decode(accelerator, model, loader, f"decode {modality} at {snr:g} dB", **beams)
+        with accelerator.unwrap_model(model).feature_cache_paused():  # the cache holds these uids' clean features
+            rows = decode(accelerator, model, loader, f"decode {modality} at {snr:g} dB", **beams)
         by_snr[f"{snr:g}"] = score(rows)
         log(f"[{modality}] test WER at {snr:g} dB SNR ({config.loader.test_noise}): {by_snr[f'{snr:g}']['wer']:.2f}%")
         if accelerator.is_main_process:

@@ -14,6 +14,8 @@ transcript and EOS are scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -340,6 +342,16 @@ class AVSRModel(nn.Module):
         in eval mode, and each utterance's valid frames do not depend on the rest of the batch.
         """
         self._feature_cache = {"audio": {}, "video": {}} if enabled else None
+
+    @contextmanager
+    def feature_cache_paused(self) -> Iterator[None]:
+        """Encode every batch afresh inside the block, and leave the cache as it was: for inputs that differ from
+        the cached ones under the same uids (the test set with noise added, ``--test_snrs``)."""
+        cache, self._feature_cache = getattr(self, "_feature_cache", None), None
+        try:
+            yield
+        finally:
+            self._feature_cache = cache
 
     def _features(self, name: str, batch: dict, lengths: torch.Tensor, run) -> torch.Tensor:
         """Encoder output ``[B, T, D]`` for the batch, from the cache where possible; ``run(rows)`` encodes rows."""

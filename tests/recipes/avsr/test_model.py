@@ -190,6 +190,22 @@ def test_feature_cache_is_exact(parts):
     assert torch.allclose(cached, reference, atol=1e-5)
 
 
+def test_a_paused_feature_cache_encodes_changed_inputs_afresh_and_keeps_its_entries(parts):
+    tokenizer, audio_encoder, extractor, video_encoder = parts
+    model = AVSRModel(_llm(tokenizer), tokenizer, "avsr", audio_encoder, video_encoder, projector_hidden=16)
+    model.enable_feature_cache()
+    clean = model.assemble(_batch(extractor, tokenizer), with_transcript=True).inputs_embeds
+    noisy_items = _items()
+    for item in noisy_items:  # the same uids, other audio (a noisy copy of the test set)
+        item["audio"] = item["audio"] + 0.5
+    noisy = _batch(extractor, tokenizer, noisy_items)
+    assert torch.equal(model.assemble(noisy, with_transcript=True).inputs_embeds, clean)  # what the cache gives
+    with model.feature_cache_paused():
+        fresh = model.assemble(noisy, with_transcript=True).inputs_embeds
+    assert not torch.allclose(fresh, clean)
+    assert torch.equal(model.assemble(noisy, with_transcript=True).inputs_embeds, clean)  # entries kept
+
+
 def test_lip_encoder_saves_loads_and_ignores_padding(tmp_path):
     torch.manual_seed(0)
     encoder = LipEncoderModel(LipEncoderConfig(stem_channels=4, channels=[8, 8], hidden_size=16, num_layers=1))

@@ -64,6 +64,33 @@ def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
     assert all((out / "base_models" / n / "config.json").is_file() for n in ("llm", "audio_encoder", "video_encoder"))
 
 
+def test_noisy_test_sets_are_encoded_afresh_when_the_feature_cache_is_on(tmp_path, monkeypatch):
+    """The embedded corpus caches encoder outputs by uid (clean training); the --test_snrs decodes hold the same
+    uids with noise added, so they must not be served the cached clean features."""
+    from recipes.avsr import loop
+    from recipes.avsr.model import AVSRModel
+
+    encoded, decoding = [], []
+    original_encode, original_decode = AVSRModel._encode_audio, loop.decode
+
+    def counting_encode(self, features):
+        encoded.append((decoding[-1] if decoding else "train", features.shape[0]))
+        return original_encode(self, features)
+
+    def tagged_decode(accelerator, model, loader, desc, **kwargs):
+        decoding.append(desc)
+        return original_decode(accelerator, model, loader, desc, **kwargs)
+
+    monkeypatch.setattr(AVSRModel, "_encode_audio", counting_encode)
+    monkeypatch.setattr(loop, "decode", tagged_decode)
+    out = tmp_path / "run"
+    results = main(SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "1", "--no-eval_untrained",
+                            "--test_snrs", "0", "--decode_noise", "babble"])["asr"]  # fmt: skip
+    assert "0" in results["test_by_snr"]["snr_db"]
+    rows = {desc: sum(n for d, n in encoded if d == desc) for desc in decoding}
+    assert rows["decode asr"] == 4 and rows["decode asr at 0 dB"] == 4  # every noisy test utterance encoded
+
+
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     weights = load_file(run_dir / "final" / "projectors.safetensors")
     weights.update(load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors"))
