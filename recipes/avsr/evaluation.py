@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 
@@ -17,9 +19,11 @@ def decode(
     num_beams: int = 15,
     max_new_tokens: int = 32,
     skipped: dict[str, str] | None = None,
+    read: Callable[[object, dict], list[str]] | None = None,
 ) -> list[dict]:
     """Beam-search every test utterance; returns ``{"uid", "ref", "hyp"}`` rows (unreadable files go to
-    ``skipped``). The model moves each batch to its own device (:meth:`AVSRModel.assemble`)."""
+    ``skipped``). The model moves each batch to its own device (:meth:`AVSRModel.assemble`). ``read(model, batch)``
+    transcribes a batch another way instead (e.g. ``AVSRModel.ctc_transcripts``, the projector's own CTC reading)."""
     from tqdm.auto import tqdm
 
     model = accelerator.unwrap_model(model)
@@ -31,28 +35,13 @@ def decode(
         if not batch["uids"]:
             continue
         with accelerator.autocast():
-            hyps = model.generate(batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            if read is None:
+                hyps = model.generate(batch, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            else:
+                hyps = read(model, batch)
         rows += [
             {"uid": u, "ref": r, "hyp": normalize_text(h)} for u, r, h in zip(batch["uids"], batch["texts"], hyps)
         ]
-    return rows
-
-
-@torch.no_grad()
-def decode_ctc(accelerator: Accelerator, model, loader, desc: str) -> list[dict]:
-    """``{"uid", "ref", "hyp"}`` rows of what the audio projector spells through the CTC alignment head alone
-    (:meth:`AVSRModel.ctc_transcripts`)."""
-    from tqdm.auto import tqdm
-
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    rows = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-        if batch["uids"]:
-            hyps = model.ctc_transcripts(batch)
-            rows += [
-                {"uid": u, "ref": r, "hyp": normalize_text(h)} for u, r, h in zip(batch["uids"], batch["texts"], hyps)
-            ]
     return rows
 
 

@@ -20,7 +20,7 @@ from .config import ModelConfig, RunConfig, TrainConfig
 from .controls import chance_baseline
 from .data.loader import make_loader
 from .data.lrs3 import Utterance
-from .evaluation import decode, decode_ctc, score, swap_controls, validation_loss
+from .evaluation import decode, score, swap_controls, validation_loss
 from .model import AVSRModel
 from .weights import load_final, read_run, register_trainable_checkpointing, save_final
 
@@ -284,7 +284,8 @@ def _ctc_test(results, accelerator, model, test_loader, log) -> None:
     """With the CTC alignment loss: ``results["ctc_test"]``, the WER of what the projector spells on its own."""
     if accelerator.unwrap_model(model).ctc_head is None:
         return
-    results["ctc_test"] = score(decode_ctc(accelerator, model, test_loader, f"decode {results['modality']} (CTC)"))
+    desc = f"decode {results['modality']} (CTC)"
+    results["ctc_test"] = score(decode(accelerator, model, test_loader, desc, read=AVSRModel.ctc_transcripts))
     log(f"[{results['modality']}] test WER of the projector's own CTC reading: {results['ctc_test']['wer']:.2f}%")
 
 

@@ -418,7 +418,8 @@ class AVSRModel(nn.Module):
     def forward(self, batch: dict, **kwargs):
         """Teacher-forced pass; returns the LLM's output (``.loss`` is CE on the transcript, plus any tuner loss and,
         in training with ``ctc_weight``, the weighted CTC alignment loss)."""
-        streams = self.encode(batch_to(batch, self.device))
+        batch = batch_to(batch, self.device)
+        streams = self.encode(batch)
         seq = self.assemble(batch, with_transcript=True, streams=streams)
         out = self.llm(inputs_embeds=seq.inputs_embeds, attention_mask=seq.attention_mask, labels=seq.labels, **kwargs)
         loss, ctc = out.loss, None
