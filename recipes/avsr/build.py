@@ -47,7 +47,7 @@ def build_model(config: ModelConfig, modality: str) -> tuple[AVSRModel, object]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_gnnmoe.pretrained.smollm2 import resolve_llm
+    from recipes.common.pretrained.smollm2 import resolve_llm
 
     llm_path = resolve_llm(config.llm)  # the preset "smollm2" -> its converted folder; ids and folders unchanged
     tokenizer = AutoTokenizer.from_pretrained(llm_path)

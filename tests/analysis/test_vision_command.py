@@ -63,12 +63,16 @@ def test_cli_on_images_labels_the_tokens(vision_dir, image_files, tmp_path):
     assert report["tokens"][0][:2] == ["CLS", "p(0,0)"]
 
 
-def test_images_need_a_vision_model(image_files, tmp_path):
-    with pytest.raises(SystemExit, match="needs a vision model"):
-        main(["analyze", "--image", image_files[0], "--output-dir", str(tmp_path)])
+def test_images_need_a_vision_model(image_files, tmp_path, make_lm):
+    text_model = tmp_path / "tiny-llama"
+    make_lm("llama").save_pretrained(text_model)
+    args = ["analyze", "--model", str(text_model), "--image", image_files[0], "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="cannot load a vision model and its image processor"):
+        main(args)
 
 
 def test_unknown_skimage_photo_is_a_clear_message():
+    pytest.importorskip("skimage.data")
     with pytest.raises(SystemExit, match="no sample image"):
         load_image("skimage:not_a_photo")
 

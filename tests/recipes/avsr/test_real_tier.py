@@ -11,13 +11,13 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from peft_gnnmoe.analysis.pretrained import smollm2_gguf_path
 from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.data import real_speech
 from recipes.avsr.data.lrs3 import read_manifest
 from recipes.avsr.data.sentences import FORTUNES_DIR
 from recipes.avsr.model import load_audio_encoder, shorten_audio_window
 from recipes.avsr.train import corpus_config, main, uses_stand_ins
+from recipes.common.pretrained.smollm2 import smollm2_gguf_path
 
 RECORDING = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
 

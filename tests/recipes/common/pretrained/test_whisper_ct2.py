@@ -20,8 +20,8 @@ from transformers import (  # noqa: E402
     WhisperTokenizer,
 )
 
-from peft_gnnmoe.pretrained.ct2_format import CT2Model, is_ctranslate2_dir, read_ct2_model  # noqa: E402
-from peft_gnnmoe.pretrained.whisper_ct2 import (  # noqa: E402
+from recipes.common.pretrained.ct2_format import CT2Model, is_ctranslate2_dir, read_ct2_model  # noqa: E402
+from recipes.common.pretrained.whisper_ct2 import (  # noqa: E402
     MARKER_FILE,
     bundled_tiny_en_dir,
     convert_whisper_ct2,
@@ -29,7 +29,7 @@ from peft_gnnmoe.pretrained.whisper_ct2 import (  # noqa: E402
     resolve_whisper,
     whisper_tiny_en_path,
 )
-from peft_gnnmoe.pretrained.whisper_ct2_tensors import map_whisper_tensors  # noqa: E402
+from recipes.common.pretrained.whisper_ct2_tensors import map_whisper_tensors  # noqa: E402
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 UTTERANCE = "sense_and_sensibility_01_austen_64kb-0870"
@@ -357,7 +357,7 @@ def raced(converted, tmp_path_factory):
     """A conversion during which another process renames its complete copy into place first."""
     import shutil
 
-    from peft_gnnmoe.pretrained import whisper_ct2
+    from recipes.common.pretrained import whisper_ct2
 
     root = tmp_path_factory.mktemp("raced")
     target = root / "whisper"
