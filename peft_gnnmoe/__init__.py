@@ -17,4 +17,4 @@ from .tuners.gnnmoe import (  # noqa: F401
 # --- sink decorrelation ---
 from .tuners.sink_decorrelation import SinkDecorrelationConfig, SinkDecorrelationModel  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

