@@ -23,7 +23,7 @@ from .vision import is_vision_batch, num_prefix_tokens
 
 @dataclass
 class BosCosineReport:
-    """Result of :func:`bos_cosine_similarity`; ``to_dict()`` is JSON-serialisable.
+    """Result of [`bos_cosine_similarity`][peft_gnnmoe.analysis.bos_cosine_similarity] (``to_dict()``: JSON-ready).
 
     ``cosine[b][i][t]`` is the similarity at layer ``layers[i]`` (None at padding); ``mean_per_layer[i]`` the mean
     over valid non-BOS tokens of the batch and ``mean`` its average over the layers; ``mean_abs*`` the same for

@@ -64,7 +64,10 @@ class LayerActivationStats:
 
 @dataclass
 class MassiveActivationReport:
-    """Result of :func:`find_massive_activations`; ``to_dict()`` is JSON-serialisable."""
+    """Result of [`find_massive_activations`][peft_gnnmoe.analysis.find_massive_activations].
+
+    ``to_dict()`` is JSON-serialisable.
+    """
 
     magnitude_threshold: float
     ratio_threshold: float

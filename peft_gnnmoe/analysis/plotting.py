@@ -86,7 +86,7 @@ def default_head_layer(report: Any, batch: int = 0) -> int:
 
 def attention_sinks_figure(report: Any, tokens: list[str] | None = None, batch: int = 0, layer: int | None = None):
     """Sink score per layer and key (mean over heads; per-layer sinks circled), and per head and key at ``layer``
-    (default: :func:`default_head_layer`)."""
+    (default: [`default_head_layer`][peft_gnnmoe.analysis.plotting.default_head_layer])."""
     data = _as_dict(report)
     layer_scores = np.asarray(data["layer_scores"][batch], dtype=float)  # L, T
     scores = np.asarray(data["scores"][batch], dtype=float)  # L, H, T
@@ -135,19 +135,19 @@ def bos_cosine_figure(report: Any, tokens: list[str] | None = None, batch: int =
 
 
 def plot_massive_activations(report: Any, path: str | Path, batch: int = 0) -> Path:
-    """Save :func:`massive_activations_figure` as a PNG."""
+    """Save [`massive_activations_figure`][peft_gnnmoe.analysis.plotting.massive_activations_figure] as a PNG."""
     return _save(massive_activations_figure(report, batch), path)
 
 
 def plot_attention_sinks(
     report: Any, path: str | Path, tokens: list[str] | None = None, batch: int = 0, layer: int | None = None
 ) -> Path:
-    """Save :func:`attention_sinks_figure` as a PNG."""
+    """Save [`attention_sinks_figure`][peft_gnnmoe.analysis.plotting.attention_sinks_figure] as a PNG."""
     return _save(attention_sinks_figure(report, tokens, batch, layer), path)
 
 
 def plot_bos_cosine(report: Any, path: str | Path, tokens: list[str] | None = None, batch: int = 0) -> Path:
-    """Save :func:`bos_cosine_figure` as a PNG."""
+    """Save [`bos_cosine_figure`][peft_gnnmoe.analysis.plotting.bos_cosine_figure] as a PNG."""
     return _save(bos_cosine_figure(report, tokens, batch), path)
 
 

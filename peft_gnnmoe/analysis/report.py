@@ -28,8 +28,9 @@ def analyze(
 
     ``batch`` may be text or an image model's ``pixel_values``; for images ``tokens`` defaults to the position names
     ``"CLS"``, ``"reg0"``, ``"p(row,col)"`` (one list per image) and the "BOS" of the cosine report is CLS.
-    ``sink_threshold`` and ``sink_ratio`` are :func:`attention_sink_scores`' ``threshold`` and ``ratio``; ``causal``
-    overrides the detection of decoder vs encoder attention.
+    ``sink_threshold`` and ``sink_ratio`` are the ``threshold`` and ``ratio`` of
+    [`attention_sink_scores`][peft_gnnmoe.analysis.attention_sink_scores]; ``causal`` overrides the detection of
+    decoder vs encoder attention.
     """
     batch = as_batch(batch)
     report = {

@@ -26,7 +26,7 @@ from ._inputs import Batch, as_batch, inference, is_causal, to_list, valid_mask
 
 @dataclass
 class AttentionSinkReport:
-    """Result of :func:`attention_sink_scores`; ``to_dict()`` is JSON-serialisable.
+    """Result of [`attention_sink_scores`][peft_gnnmoe.analysis.attention_sink_scores] (``to_dict()``: JSON-ready).
 
     ``scores[b][l][h][k]`` is ``alpha`` of sequence ``b`` (0 at padding), ``layer_scores[b][l][k]`` its mean over
     heads, ``mean_scores[b][k]`` its mean over layers and heads; ``baseline[b][k]`` is the uniform-attention score

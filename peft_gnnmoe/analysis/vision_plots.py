@@ -23,8 +23,9 @@ def vision_maps_figure(
 ):
     """One row per quantity (L2 norm of each token, attention it receives, cosine to CLS), one column per layer.
 
-    ``report`` is :func:`~peft_gnnmoe.analysis.analyze`'s dict for an image batch, ``grid`` the ``(rows, cols)`` patch
-    grid; the prefix tokens (CLS, registers) are the values before the patches and are written in each panel's title.
+    ``report`` is [`analyze`][peft_gnnmoe.analysis.analyze]'s dict for an image batch, ``grid`` the ``(rows, cols)``
+    patch grid; the prefix tokens (CLS, registers) are the values before the patches and are written in each panel's
+    title.
     ``layers`` defaults to four layers spread over the depth (the last included).
     """
     massive, sinks, cosine = report["massive_activations"], report["attention_sinks"], report["bos_cosine"]
@@ -60,5 +61,5 @@ def vision_maps_figure(
 def plot_vision_maps(
     report: dict[str, Any], path: str | Path, grid: tuple[int, int], image: np.ndarray | None = None, batch: int = 0
 ) -> Path:
-    """Save :func:`vision_maps_figure` as a PNG."""
+    """Save [`vision_maps_figure`][peft_gnnmoe.analysis.vision_plots.vision_maps_figure] as a PNG."""
     return _save(vision_maps_figure(report, grid, image, batch), path)

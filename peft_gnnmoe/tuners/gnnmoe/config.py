@@ -35,8 +35,8 @@ _BOOL_FIELDS = ("add_aux_loss_to_output", "expert_bias", "init_weights", "infere
 
 @dataclass
 class GNNMoEConfig(PeftConfig):
-    """Configuration of [`GNNMoEModel`]: a mixture of Kronecker adapter experts per targeted Linear, routed per token
-    by a graph neural network over the image's patch tokens.
+    """Configuration of [`GNNMoEModel`][peft_gnnmoe.GNNMoEModel]: a mixture of Kronecker adapter experts per
+    targeted Linear, routed per token by a graph neural network over the image's patch tokens.
 
     Paper: "GNN-MoE: Context-Aware Patch Routing using GNNs for Parameter-Efficient Domain Generalization"
     (arXiv 2511.04008). Every adapted Linear computes ``y = x W0 + b0 + sum_e g_e(x) (x H_e + b_e)``, where

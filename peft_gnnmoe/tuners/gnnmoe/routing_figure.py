@@ -60,8 +60,9 @@ def plot_expert_assignments(
     Args:
         images: the images of the forward pass, ``[N, 3, H, W]``, uint8 or float in [0, 1] (other values are
             clipped); pass the unnormalised pixels, not the model's normalised input.
-        assignments: [`get_expert_assignments`]'s output for that forward pass (any ViT-family model: the special
-            tokens before the patches are skipped, the patch grid is read from it or assumed square).
+        assignments: [`get_expert_assignments`][peft_gnnmoe.get_expert_assignments]'s output for that forward pass
+            (any ViT-family model: the special tokens before the patches are skipped, the patch grid is read from it
+            or assumed square).
         path: where to save the figure (PNG or any format matplotlib infers from the suffix); folders are created.
         title: the figure's title.
 

@@ -27,7 +27,8 @@ def _jsonable(value: Any) -> Any:
 
 @dataclass
 class SinkDecorrelationConfig(PeftConfig):
-    """Configuration of [`SinkDecorrelationModel`]: an inner PEFT method trained with a BOS-decorrelation loss.
+    """Configuration of [`SinkDecorrelationModel`][peft_gnnmoe.SinkDecorrelationModel]: an inner PEFT method
+    trained with a BOS-decorrelation loss.
 
     The wrapper adds ``weight * L_decor`` to the causal-LM loss, where ``L_decor`` is, per sequence, the mean over the
     chosen decoder layers and its selected tokens of ``cos(h[BOS], h[t])**2``, weighted over the sequences like the
@@ -60,7 +61,7 @@ class SinkDecorrelationConfig(PeftConfig):
         default=0.1,
         metadata={
             "help": "lambda: the total loss is CE + weight * decorrelation loss. 0 disables it. The reference code "
-            "uses 1e4 with its own reduction; see the README for the loss scale."
+            "uses 1e4 with its own reduction; see 'Choosing λ' in the sink-decorrelation guide for the loss scale."
         },
     )
     layers: str | list[int] = field(
