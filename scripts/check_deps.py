@@ -20,6 +20,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_TESTS = ["tests/tuners", "tests/analysis", "tests/utils", "tests/test_package.py"]
@@ -46,28 +47,21 @@ def lowest_pins(requirements: list[Requirement]) -> list[str]:
     return pins
 
 
-def pinned_versions(python: Path) -> dict[str, str]:
-    lines = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
-    return {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in lines.splitlines()) if v}
-
-
-def lock_differences(versions: dict[str, str]) -> list[str]:
-    """``name lock -> here`` for the packages whose version differs from requirements/constraints.txt."""
-    lock = pinned_versions_from_file(ROOT / "requirements" / "constraints.txt")
-    return [
-        f"{name} {lock[name]} -> {version}"
-        for name, version in sorted(versions.items())
-        if lock.get(name, version) != version
-    ]
-
-
-def pinned_versions_from_file(path: Path) -> dict[str, str]:
+def _pins(text: str) -> dict[str, str]:
+    """``name -> public version`` of the ``name==version`` lines of a freeze or lock (``+cpu`` labels dropped)."""
     found = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         name, sep, version = line.partition("==")
         if sep and not line.startswith("#"):
-            found[canonicalize_name(name)] = version.strip()
+            found[canonicalize_name(name)] = Version(version.split()[0]).public
     return found
+
+
+def lock_differences(python: str) -> list[str]:
+    """``name lock -> here`` for the packages in ``python``'s environment whose version differs from the lock."""
+    here = _pins(subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout)
+    lock = _pins((ROOT / "requirements" / "constraints.txt").read_text())
+    return [f"{name} {lock[name]} -> {v}" for name, v in sorted(here.items()) if lock.get(name, v) != v]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [str(r) for r in others] if args.kind == "newest" else lowest_pins(others)
     print(f"[{args.kind}] installing into {folder}: {' '.join(wanted)}", flush=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *wanted, *TEST_TOOLS], check=True)
-    versions = pinned_versions(Path(python))
-    print(f"[{args.kind}] versions that differ from the lock: " + (", ".join(lock_differences(versions)) or "none"))
+    print(f"[{args.kind}] versions that differ from the lock: " + (", ".join(lock_differences(python)) or "none"))
     tests = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *LIBRARY_TESTS], cwd=ROOT)
     if tests.returncode != 0:
         print(
