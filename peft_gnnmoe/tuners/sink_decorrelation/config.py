@@ -39,10 +39,16 @@ class SinkDecorrelationConfig(PeftConfig):
 
     Example:
         ```py
+        >>> import torch
         >>> from peft import LoraConfig, get_peft_model
+        >>> from peft_gnnmoe import SinkDecorrelationConfig
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        >>> llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, bos_token_id=1, **tiny))
         >>> config = SinkDecorrelationConfig(base_config=LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
-        >>> model = get_peft_model(llm, config)
-        >>> out = model(input_ids=ids, attention_mask=mask, labels=labels)  # out.loss = CE + 0.1 * L_decor
+        >>> model = get_peft_model(llm, config).train()
+        >>> ids = torch.tensor([[1, 5, 9, 12, 7]])  # BOS (id 1) first
+        >>> out = model(input_ids=ids, labels=ids)  # out.loss = CE + 0.1 * L_decor
         ```
 
     The reference implementation's loss (all layers but the last, the tokens between BOS and the transcript, pooled

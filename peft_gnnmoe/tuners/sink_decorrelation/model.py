@@ -56,12 +56,18 @@ class SinkDecorrelationModel(BaseTuner):
 
     Example:
         ```py
-        >>> import peft_gnnmoe
+        >>> import torch, peft_gnnmoe
         >>> from peft import LoraConfig, get_peft_model
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        >>> llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, bos_token_id=1, **tiny))
         >>> config = peft_gnnmoe.SinkDecorrelationConfig(base_config=LoraConfig(target_modules=["q_proj", "v_proj"]))
-        >>> model = get_peft_model(llm, config)
+        >>> model = get_peft_model(llm, config).train()
+        >>> ids = torch.tensor([[1, 5, 9, 12, 7], [1, 8, 3, 0, 0]])  # BOS (id 1) first, the second row right-padded
+        >>> mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
+        >>> labels = ids.masked_fill(mask == 0, -100)
         >>> out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        >>> out.loss, out.ce_loss, out.decorrelation_loss
+        >>> parts = out.loss, out.ce_loss, out.decorrelation_loss  # loss = ce_loss + 0.1 * decorrelation_loss
         ```
     """
 
