@@ -17,7 +17,7 @@ def test_readme_is_at_most_200_lines():
 def test_readme_keeps_the_two_set_up_commands():
     assert (
         "bash scripts/setup.sh && accelerate launch -m recipes.dg      "
-        "# the main job: the embedded DG benchmark, offline (~6 min)\n"
+        "# the main job: the embedded DG benchmark, offline (~7 min)\n"
     ) in README
     assert "bash scripts/setup.sh && python -m pytest -q tests            # the test suite\n" in README
 
