@@ -49,17 +49,16 @@ def requirement_closure(names: list[str]) -> list[importlib.metadata.Distributio
 
 
 def wheel_requirements(wheel: Path) -> list[str]:
-    """The ``Requires-Dist`` entries of a wheel that no extra asks for."""
+    """The ``Requires-Dist`` entries of a wheel (those of its extras are dropped by their markers later)."""
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         metadata = Parser().parsestr(archive.read(name).decode())
-    return [r for r in metadata.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    return metadata.get_all("Requires-Dist") or []
 
 
-def link_distributions(distributions: list[importlib.metadata.Distribution], shared: Path) -> int:
+def link_distributions(distributions: list[importlib.metadata.Distribution], shared: Path) -> None:
     """Link every top-level file or folder of ``distributions`` (their packages and ``.dist-info``) into ``shared``."""
     shared.mkdir(parents=True, exist_ok=True)
-    linked = 0
     for distribution in distributions:
         site = Path(distribution.locate_file(""))
         for top in {Path(f).parts[0] for f in distribution.files or []}:
@@ -67,8 +66,6 @@ def link_distributions(distributions: list[importlib.metadata.Distribution], sha
                 continue
             if (site / top).exists():
                 (shared / top).symlink_to(site / top)
-                linked += 1
-    return linked
 
 
 def make_venv(folder: Path, distributions: list[importlib.metadata.Distribution]) -> Path:
