@@ -145,6 +145,12 @@ class GNNMoEModel(BaseTuner):
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["peft-gnnmoe", "gnnmoe"])
 
+    def __getstate__(self) -> dict:
+        """A copy starts without the last forward pass's auxiliary loss and loss context (see GraphRouter)."""
+        state = self.__dict__.copy()
+        state.update(_last_aux_loss=None, _loss_context=None)
+        return state
+
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Mixed-adapter batches as in LoRA: ``model(..., adapter_names=[...])`` sends every sample through the

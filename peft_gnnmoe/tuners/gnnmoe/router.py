@@ -199,6 +199,13 @@ class GraphRouter(nn.Module):
         """Forget everything about past forward passes."""
         self.start_forward(None)
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save`` of the model) starts without the last forward pass's
+        routings: they hang on the autograd graph of the model that ran it (and non-leaf tensors cannot be copied)."""
+        state = self.__dict__.copy()
+        state.update(routings=[], token_mask=None, _cache=None, _shared=[])
+        return state
+
     def _valid_tokens(self, batch: int, seq: int, rows: torch.Tensor | None) -> torch.Tensor | None:
         """The token mask when it describes this input (same batch and length); other inputs have no padding (e.g.
         the image tokens of a CLIP model called with the text's attention_mask)."""

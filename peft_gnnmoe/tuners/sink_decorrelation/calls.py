@@ -58,11 +58,21 @@ class SinkCall:
 
 
 class CallRegistry:
-    """The running calls, one per thread; thread-safe."""
+    """The running calls, one per thread; thread-safe.
+
+    A copy (``copy.deepcopy``, pickle, ``torch.save`` of the model) starts with no running call and a lock of its own:
+    a call belongs to the forward pass of the model it was started on.
+    """
 
     def __init__(self) -> None:
         self._calls: dict[int, SinkCall] = {}
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def start(self, call: SinkCall, layers: nn.ModuleList) -> None:
         with self._lock:
