@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from peft import PeftModel
 from peft.utils import PeftType
 
+from .utils.hub import install_push_to_hub
 from .utils.peft_internals import add_peft_type_member, register_method
 
 
@@ -14,8 +16,13 @@ def register_peft_type(name: str, config_cls: type, model_cls: type) -> PeftType
         name: the method's name in lower case, e.g. ``"gnnmoe"``; ``adapter_config.json`` stores ``name.upper()``.
         config_cls: the ``PeftConfig`` subclass.
         model_cls: the ``BaseTuner`` subclass; its ``prefix`` must be ``name + "_"``.
+
+    ``PeftModel.push_to_hub`` then keeps the model card ``save_pretrained`` writes for adapters of this type (with
+    its loading snippet) instead of replacing it by transformers' template (``peft_gnnmoe.utils.hub``).
     """
-    return register_method(name, config_cls, model_cls)
+    peft_type = register_method(name, config_cls, model_cls)
+    install_push_to_hub(PeftModel, peft_type.value)
+    return peft_type
 
 
 def peft_type_member(value: str) -> PeftType:

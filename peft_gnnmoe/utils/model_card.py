@@ -4,8 +4,8 @@ peft has no plugin hook: ``PeftModel.from_pretrained`` on an adapter of a third-
 ``KeyError: 'GNNMOE'`` unless the package that registers the type was imported first. The remedy must therefore be
 findable where users look: the card of every saved or pushed adapter. ``PeftModel.save_pretrained`` writes the card
 (``create_or_update_model_card``) before the weights and then calls ``config.save_pretrained(folder)`` for every
-adapter, so a tuner's config class adds its section there (see ``GNNMoEConfig.save_pretrained``); the card that
-``push_to_hub`` uploads is the same file.
+adapter, so a tuner's config class adds its section there (see ``GNNMoEConfig.save_pretrained``); ``push_to_hub``
+uploads the same card (``peft_gnnmoe.utils.hub`` keeps transformers from replacing it by its template).
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ def usage_section(title: str, peft_type: str, snippet: str, package: str = "peft
     )
 
 
+def section_pattern() -> re.Pattern:
+    """The loading section of a card, from its start marker to its end marker."""
+    return re.compile(re.escape(_START) + r".*?" + re.escape(_END), flags=re.DOTALL)
+
+
 def update_model_card(folder: str | os.PathLike, section: str) -> str:
     """Put ``section`` into ``folder``/README.md: replace a section written before, else insert it after the YAML
     header (creating the card when there is none). Returns the card's path."""
@@ -75,7 +80,7 @@ def update_model_card(folder: str | os.PathLike, section: str) -> str:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-    pattern = re.compile(re.escape(_START) + r".*?" + re.escape(_END), flags=re.DOTALL)
+    pattern = section_pattern()
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text, count=1)
     else:
