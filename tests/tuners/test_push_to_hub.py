@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import peft_gnnmoe
+
 FAKE_HUB = """
 import hashlib, pathlib, shutil, sys
 from huggingface_hub import HfApi, RepoUrl
@@ -101,7 +103,10 @@ print("loaded from the repositories: identical outputs")
 
 
 def _run(script: str, cache: Path, cwd: Path) -> str:
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    # the subprocess imports the peft_gnnmoe under test, installed or not (cwd is a temporary folder)
+    source = str(Path(peft_gnnmoe.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONPATH=path)
     done = subprocess.run([sys.executable, "-c", script, str(cache)], cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout
