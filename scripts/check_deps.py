@@ -28,12 +28,18 @@ SHARED = "torch"
 TEST_TOOLS = ["pytest"]
 
 
-def install_requires() -> list[Requirement]:
-    """setup.py's ``INSTALL_REQUIRES``, read from its source."""
+def setup_literal(name: str):
+    """The value of setup.py's top-level ``NAME = <literal>`` (read from its source, not from a possibly stale
+    install); ``INSTALL_REQUIRES`` and ``EXTRAS_REQUIRE`` are such literals."""
     for node in ast.parse((ROOT / "setup.py").read_text()).body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "INSTALL_REQUIRES":
-            return [Requirement(r) for r in ast.literal_eval(node.value)]
-    raise SystemExit("setup.py has no INSTALL_REQUIRES list")
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"setup.py has no top-level {name} literal")
+
+
+def install_requires() -> list[Requirement]:
+    """setup.py's ``INSTALL_REQUIRES``."""
+    return [Requirement(r) for r in setup_literal("INSTALL_REQUIRES")]
 
 
 def lowest_pins(requirements: list[Requirement]) -> list[str]:

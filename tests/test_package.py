@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import sys
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import peft_gnnmoe
 
 ROOT = Path(__file__).resolve().parents[1]
+# setup.py's requirements are read by the one reader CI's dependency checks use
+_spec = importlib.util.spec_from_file_location("check_deps", ROOT / "scripts" / "check_deps.py")
+check_deps = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_deps)
 PACKAGE = ROOT / "peft_gnnmoe"
 # imported by peft_gnnmoe only inside a function, for an optional feature that says how to install it when missing
 OPTIONAL_IMPORTS = {"skimage": "scikit-image"}  # `peft-gnnmoe analyze --image skimage:NAME`
@@ -105,21 +113,8 @@ def _third_party_imports() -> dict[str, set[str]]:
     return users
 
 
-def _declared_requirements() -> dict[str, list[str]]:
-    """``install_requires`` and the extras, read from setup.py's literals (not from a possibly stale install)."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    values = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("INSTALL_REQUIRES", "EXTRAS_REQUIRE"):
-                values[node.targets[0].id] = ast.literal_eval(node.value)
-    return values
-
-
-def _project_name(requirement: str) -> str:
-    for stop in "<>=!~[; ":
-        requirement = requirement.split(stop)[0]
-    return requirement.lower().replace("_", "-")
+def _project_names(requirements: list[str]) -> set[str]:
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
 
 
 def test_the_library_does_not_import_the_recipes():
@@ -131,14 +126,13 @@ def test_install_requires_is_exactly_what_the_library_imports():
     imported = set()
     for top in set(_third_party_imports()) - set(OPTIONAL_IMPORTS):
         assert top in distributions, f"{top} is imported by peft_gnnmoe but not installed"
-        imported |= {d.lower().replace("_", "-") for d in distributions[top]}
-    declared = {_project_name(r) for r in _declared_requirements()["INSTALL_REQUIRES"]}
-    assert declared == imported
+        imported |= {canonicalize_name(d) for d in distributions[top]}
+    assert _project_names(check_deps.setup_literal("INSTALL_REQUIRES")) == imported
 
 
 def test_optional_imports_are_in_an_extra():
-    extras = {_project_name(r) for reqs in _declared_requirements()["EXTRAS_REQUIRE"].values() for r in reqs}
-    assert set(OPTIONAL_IMPORTS.values()) <= extras
+    extras = check_deps.setup_literal("EXTRAS_REQUIRE")
+    assert set(OPTIONAL_IMPORTS.values()) <= _project_names([r for reqs in extras.values() for r in reqs])
 
 
 def test_the_changelog_has_an_entry_for_this_version():

@@ -6,7 +6,7 @@ The objects are the ones the reference pages render (their ``::: name`` lines), 
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import inspect
 import re
 from pathlib import Path
@@ -17,12 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = re.compile(r"^\s*(>>>|\.\.\.) ?(.*)$")
 
 
-def _resolve(dotted: str):
-    module_name, _, attribute = dotted.rpartition(".")
-    try:
-        return importlib.import_module(dotted)
-    except ModuleNotFoundError:
-        return getattr(importlib.import_module(module_name), attribute)
+# names are resolved as the docs build resolves them: the options hook's import_object
+_spec = importlib.util.spec_from_file_location("docs_options_hook", ROOT / "docs" / "hooks" / "options.py")
+_hook = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_hook)
 
 
 def _documented_objects() -> dict[str, object]:
@@ -31,7 +29,7 @@ def _documented_objects() -> dict[str, object]:
         names += re.findall(r"^::: (\S+)", page.read_text(), flags=re.M)
     objects = {}
     for name in names:
-        obj = _resolve(name)
+        obj = _hook.import_object(name)
         objects[name] = obj
         if inspect.isclass(obj):
             for member, value in vars(obj).items():
