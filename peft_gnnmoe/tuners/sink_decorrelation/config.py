@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from peft import LoraConfig
 from peft.config import PeftConfig
 
 from ...registration import peft_type_member
@@ -56,11 +57,13 @@ class SinkDecorrelationConfig(PeftConfig):
     """
 
     base_config: PeftConfig | dict | None = field(
-        default=None,
+        default_factory=LoraConfig,
         metadata={
-            "help": "The inner PEFT config whose adapters are trained (e.g. a LoraConfig). A dict (as stored in "
-            "adapter_config.json) is turned back into its config class. None: no adapters, the model stays frozen "
-            "and the wrapper only computes the loss."
+            "help": "The inner PEFT config whose adapters are trained. Default: `LoraConfig()`, PEFT's default LoRA "
+            "(r=8) on the projections PEFT targets for the model type (q_proj and v_proj for Llama, Qwen2, "
+            "Mistral...). A dict (as stored in adapter_config.json) is turned back into its config class. None: no "
+            "adapters are injected, the model stays frozen and the wrapper only computes the loss (a warning says so "
+            "when the model is built for training)."
         },
     )
     weight: float = field(

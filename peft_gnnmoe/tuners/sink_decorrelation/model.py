@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -110,6 +111,15 @@ class SinkDecorrelationModel(BaseTuner):
         elif not had_adapters:
             for param in model.parameters():
                 param.requires_grad_(False)
+            if not config.inference_mode:
+                warnings.warn(
+                    "SinkDecorrelationConfig(base_config=None) injects no adapter and freezes the model: it has no "
+                    "trainable parameter, so training changes nothing and the wrapper only computes the loss. Leave "
+                    "base_config at its default (PEFT's default LoraConfig()) or pass one, e.g. "
+                    "base_config=LoraConfig(r=16, target_modules=['q_proj', 'v_proj']), to train an adapter.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         # the inner tuner activated the new adapter; restore the active one(s), as peft does when adding an adapter
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
