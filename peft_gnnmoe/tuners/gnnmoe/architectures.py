@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 # q/k/v of every encoder block; transformers 5 names them q_proj/k_proj/v_proj, 4.x named them query/key/value.
 _QKV = ["q_proj", "k_proj", "v_proj", "query", "key", "value"]
 QKV_NAME_GROUPS: tuple[tuple[str, ...], ...] = (tuple(_QKV[:3]), tuple(_QKV[3:]))  # (transformers 5, 4.x)
@@ -63,6 +65,23 @@ def patch_grid_from_config(config: Any) -> tuple[int, int] | None:
     image_hw = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     patch_hw = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
     return int(image_hw[0]) // int(patch_hw[0]), int(image_hw[1]) // int(patch_hw[1])
+
+
+def patch_grid_from_pixels(config: Any, pixel_values: Any) -> tuple[int, int] | None:
+    """(rows, cols) of the patch grid of one forward's ``pixel_values`` (B, C, H, W): (H // patch, W // patch).
+
+    None when the input is not a 4-D image batch or the config names no patch size; then the config's grid is the
+    hint. This is what lets a ViT run on non-square images, with ``interpolate_pos_encoding=True``, or at another size
+    at evaluation than at training, without ``GNNMoEConfig(patch_grid=...)``.
+    """
+    if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4:
+        return None
+    patch_size = getattr(_vision_config(config), "patch_size", None)
+    if patch_size is None:
+        return None
+    patch_hw = patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)
+    height, width = pixel_values.shape[-2:]
+    return int(height) // int(patch_hw[0]), int(width) // int(patch_hw[1])
 
 
 # models whose encoder shuffles the patch tokens at random (and keeps a random subset): their order is not spatial

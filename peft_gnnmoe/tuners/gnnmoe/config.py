@@ -138,8 +138,10 @@ class GNNMoEConfig(PeftConfig):
     patch_grid: list[int] | None = field(
         default=None,
         metadata={
-            "help": "[rows, cols] of the patch grid; None reads it from the model config (image_size / patch_size) "
-            "or, when the token count does not match, from a square token count."
+            "help": "[rows, cols] of the patch grid, fixed for every input; None (default) takes it from each "
+            "forward's pixel_values (height / patch_size x width / patch_size), so non-square images, "
+            "interpolate_pos_encoding=True and another size at evaluation just work; without pixel_values, from the "
+            "model config (image_size / patch_size), else from a square token count."
         },
     )
     shared_router_groups: list[list[str]] | None = field(

@@ -14,12 +14,20 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ...utils.hooks import install_model_hooks
-from ...utils.loss_terms import LossContext, add_to_loss, loss_context, sample_weights, warn_once
+from ...utils.loss_terms import (
+    LossContext,
+    add_to_loss,
+    forward_arguments,
+    loss_context,
+    sample_weights,
+    warn_once,
+)
 from ...utils.peft_internals import filter_state_dict_by_key_prefixes, tuner_state_dict_key_prefixes
 from .architectures import (
     VIT_FAMILY_TARGET_MODULES,
     num_prefix_tokens_from_config,
     patch_grid_from_config,
+    patch_grid_from_pixels,
     patches_in_spatial_order,
 )
 from .config import GNNMoEConfig
@@ -235,15 +243,18 @@ class GNNMoEModel(BaseTuner):
         return list(self._routers(mixed if mixed is not None else list(self.active_adapters)).values())
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Read the call's labels / ``num_items_in_batch`` / attention mask; hand the mask to the routers."""
-        self._loss_context = loss_context(module, args, kwargs)
+        """Read the call's labels / ``num_items_in_batch`` / attention mask; hand the mask and the patch grid of the
+        call's ``pixel_values`` to the routers."""
+        named = forward_arguments(module, args, kwargs)
+        self._loss_context = loss_context(module, args, kwargs, named=named)
         self._last_aux_loss = None
         mask = self._loss_context.attention_mask
         token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        pixel_grid = patch_grid_from_pixels(getattr(module, "config", None), named.get("pixel_values"))
         for router in self._routers(list(self.peft_config)).values():
             router.start_forward(None)  # no adapter keeps routings of an earlier call
         for router in self._forward_routers():
-            router.start_forward(token_mask)
+            router.start_forward(token_mask, pixel_grid)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         routers = self._forward_routers()

@@ -145,6 +145,7 @@ class GraphRouter(nn.Module):
         self.layout_spec = LayoutSpec()  # set by the tuner from the configs; not a parameter
         self.routings: list[Routing] = []  # every routing of the current (or last) forward pass
         self.token_mask: torch.Tensor | None = None
+        self.pixel_grid: tuple[int, int] | None = None
         self._cache: tuple | None = None
         self._shared: list[tuple] = []  # (routing, input, version, value) of ``shared``
         self.register_load_state_dict_pre_hook(_upgrade_old_router_keys)
@@ -181,12 +182,14 @@ class GraphRouter(nn.Module):
         self._shared.append((routing, tokens, version, value))
         return value
 
-    def start_forward(self, token_mask: torch.Tensor | None = None) -> None:
-        """Forget the previous forward pass; ``token_mask`` (B, S) marks the real tokens of this one."""
+    def start_forward(self, token_mask: torch.Tensor | None = None, pixel_grid: tuple[int, int] | None = None) -> None:
+        """Forget the previous forward pass; ``token_mask`` (B, S) marks the real tokens of this one, ``pixel_grid``
+        is the patch grid of its images (from ``pixel_values``), which wins over the model config's."""
         self._cache = None
         self._shared = []
         self.routings = []
         self.token_mask = token_mask
+        self.pixel_grid = pixel_grid
 
     def end_forward(self) -> None:
         """Drop the input kept for reuse, the shared tensors and the token mask; the routings stay for statistics
@@ -194,6 +197,7 @@ class GraphRouter(nn.Module):
         self._cache = None
         self._shared = []
         self.token_mask = None
+        self.pixel_grid = None
 
     def clear(self) -> None:
         """Forget everything about past forward passes."""
@@ -203,7 +207,7 @@ class GraphRouter(nn.Module):
         """A copy (``copy.deepcopy``, pickle, ``torch.save`` of the model) starts without the last forward pass's
         routings: they hang on the autograd graph of the model that ran it (and non-leaf tensors cannot be copied)."""
         state = self.__dict__.copy()
-        state.update(routings=[], token_mask=None, _cache=None, _shared=[])
+        state.update(routings=[], token_mask=None, pixel_grid=None, _cache=None, _shared=[])
         return state
 
     def _valid_tokens(self, batch: int, seq: int, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -222,10 +226,13 @@ class GraphRouter(nn.Module):
             tokens = tokens[rows]
         seq = tokens.shape[1]
         spec = self.layout_spec
+        grid_hint = spec.grid_hint
+        if self.pixel_grid is not None and spec.square_fallback and not spec.explicit_grid:
+            grid_hint = self.pixel_grid  # the images of this call; an explicit patch_grid still wins
         layout = infer_layout(
             seq,
             spec.num_prefix if seq > 1 else 0,
-            spec.grid_hint,
+            grid_hint,
             need_grid=(self.kind != "linear" and needs_grid(self.graph) and seq > 1),
             explicit_grid=spec.explicit_grid,
             square_fallback=spec.square_fallback,
