@@ -2,8 +2,10 @@
 
 Every data set is a list of domains that share one label space. A domain is a map-style torch ``Dataset`` whose items
 are ``(image uint8 [3, S, S], label int)``. Folders follow DomainBed's layout ``<root>/<domain>/<class>/<image>`` and
-are read through ``datasets.load_dataset("imagefolder", ...)``; a Hub data set is read through
-``datasets.load_dataset(<id>)`` and split into domains by one of its columns.
+are listed with extensions in any case, through symbolic links, and every image file is checked once when the
+domains are built (``folder_domains``): an unreadable file is an error listing them all before any training, or is
+left out and recorded with ``--skip_bad_images``. A Hub data set is read through ``datasets.load_dataset(<id>)`` and
+split into domains by one of its columns. Every image reaches the model as RGB, whatever its mode (``to_rgb``).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from .embedded_digits import CLASSES as DIGIT_CLASSES
 from .embedded_digits import build_embedded_digits
+from .images import SKIP_OPTION, BadImage, BadImagesError, image_problem, read_image, scan_images, to_rgb  # noqa: F401
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # matched in any case
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,12 @@ class TensorDomain(Dataset):
         return list(zip(self.images[idx], self.labels[idx].tolist()))
 
 
+def rgb_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """``img`` (any mode, see ``to_rgb``) resized bilinearly to ``size`` x ``size``, as uint8 ``[3, size, size]``."""
+    img = to_rgb(img).resize((size, size), resample=Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 class HFImageDomain(Dataset):
     """A domain backed by a ``datasets.Dataset``: decodes, converts to RGB and resizes each image when read."""
 
@@ -113,12 +123,8 @@ class HFImageDomain(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _to_tensor(self, img) -> torch.Tensor:
-        img = img.convert("RGB").resize((self.size, self.size), resample=2)  # 2 = PIL bilinear
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
     def __getitem__(self, i: int):
-        return self._to_tensor(self.ds[int(i)][self.image_column]), int(self.labels[i])
+        return rgb_tensor(self.ds[int(i)][self.image_column], self.size), int(self.labels[i])
 
 
 def embedded_domains(image_size: int) -> tuple[list[Dataset], list[str]]:
@@ -133,12 +139,45 @@ def embedded_domains(image_size: int) -> tuple[list[Dataset], list[str]]:
 # ----------------------------------------------------------------------------------------------------------------
 # folders: <root>/<domain>/<class>/<image>
 # ----------------------------------------------------------------------------------------------------------------
+class ImageFolderDomain(Dataset):
+    """A domain read from image files: decodes, converts to RGB and resizes each image when read.
+
+    ``files`` are relative to ``root``; ``skipped`` lists the unreadable files left out (``--skip_bad_images``).
+    """
+
+    def __init__(self, root: str, files: list[str], labels: np.ndarray, image_size: int, skipped=()):
+        self.root, self.files, self.size = root, list(files), image_size
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.skipped: list[BadImage] = list(skipped)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        path = os.path.join(self.root, self.files[i])
+        try:
+            img = read_image(path)
+        except Exception as err:
+            raise OSError(
+                f"cannot read {path} ({type(err).__name__}: {err}); it was readable when the data set was built, "
+                "so it changed since: restore it, or rerun (the check then reports it)."
+            ) from err
+        return rgb_tensor(img, self.size), int(self.labels[i])
+
+
 def _subdirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _image_names(folder: str) -> list[str]:
+    """The image files of ``folder`` (extension in any case; symbolic links followed; hidden files ignored)."""
+    return sorted(
+        e.name for e in os.scandir(folder) if _is_image(e.name) and not e.name.startswith(".") and not e.is_dir()
+    )
 
 
 def check_folder(root: str, domains: list[str]) -> dict[str, list[str]]:
@@ -159,7 +198,7 @@ def check_folder(root: str, domains: list[str]) -> dict[str, list[str]]:
     classes = {}
     for domain in domains:
         path = os.path.join(root, domain)
-        stray = sorted(f for f in os.listdir(path) if _is_image(f))
+        stray = _image_names(path)
         if stray:
             raise ValueError(
                 f"{path!r} holds images directly ({stray[:3]} …); put each image in a class folder ({layout})."
@@ -167,11 +206,21 @@ def check_folder(root: str, domains: list[str]) -> dict[str, list[str]]:
         names = _subdirs(path)
         if not names:
             raise ValueError(f"domain folder {path!r} has no class folders ({layout}).")
-        empty = [c for c in names if not any(_is_image(f) for f in os.listdir(os.path.join(path, c)))]
+        empty = [c for c in names if not _image_names(os.path.join(path, c))]
         if empty:
             raise ValueError(f"class folder(s) {empty} of {path!r} hold no image ({IMAGE_EXTENSIONS}).")
         classes[domain] = names
     return classes
+
+
+def list_images(root: str, domain: str, classes: list[str]) -> list[str]:
+    """The image files of ``<root>/<domain>/<class>/`` for each class, relative to ``root``, in a fixed order.
+
+    The order is by extension, then path: the order in which the earlier ``datasets`` imagefolder loading read a
+    folder, so a folder gets the same splits as before.
+    """
+    files = [os.path.join(domain, c, name) for c in classes for name in _image_names(os.path.join(root, domain, c))]
+    return sorted(files, key=lambda f: (os.path.splitext(f)[1], f))
 
 
 def _union_classes(per_domain: dict[str, list[str]], num_classes: int | None) -> list[str]:
@@ -188,34 +237,62 @@ def _union_classes(per_domain: dict[str, list[str]], num_classes: int | None) ->
 
 
 def folder_domains(
-    root: str, domains: list[str], image_size: int, num_classes: int | None = None, cache_dir: str | None = None
+    root: str,
+    domains: list[str],
+    image_size: int,
+    num_classes: int | None = None,
+    skip_bad_images: bool = False,
+    progress: bool = True,
 ) -> tuple[list[Dataset], list[str]]:
-    """Loads each ``<root>/<domain>`` with ``datasets``' ``imagefolder`` builder; labels come from class folders."""
-    import datasets
+    """Reads each ``<root>/<domain>``; labels come from the class folders.
 
+    Every image file is checked once, now (``scan_images``): unreadable files raise :class:`BadImagesError`
+    listing them all, or with ``skip_bad_images`` are left out and listed in each domain's ``skipped``.
+    """
     per_domain = check_folder(root, domains)
     classes = _union_classes(per_domain, num_classes)
+    files = {d: list_images(root, d, per_domain[d]) for d in domains}
+    everything = [f for d in domains for f in files[d]]
+    bad = scan_images(root, everything, progress)
+    if bad and not skip_bad_images:
+        raise BadImagesError(root, bad, len(everything))
+    if bad:
+        warnings.warn(
+            f"{SKIP_OPTION}: leaving out {len(bad)} of the {len(everything)} image files of {root!r}: "
+            + "; ".join(f"{b.path} ({b.reason})" for b in bad),
+            stacklevel=3,
+        )
+    skipped = {b.path for b in bad}
+    class_index = {c: i for i, c in enumerate(classes)}
     out = []
     for domain in domains:
-        path = os.path.join(glob_escape(root), glob_escape(domain))
-        # data_files, not data_dir: with data_dir a class folder named "train" or "test" (DomainNet has "train")
-        # would be read as a split. drop_labels=False keeps labels even for a single class folder.
-        files = {"train": [os.path.join(path, "*", f"*{ext}") for ext in _ext_patterns()]}
-        ds = datasets.load_dataset(
-            "imagefolder", data_files=files, split="train", cache_dir=cache_dir, drop_labels=False
-        )
-        names = ds.features["label"].names
-        remap = np.array([classes.index(n) for n in names], dtype=np.int64)
-        out.append(HFImageDomain(ds, "image", remap[np.asarray(ds["label"], dtype=np.int64)], image_size))
+        good = [f for f in files[domain] if f not in skipped]
+        if not good:
+            raise ValueError(f"domain folder {os.path.join(root, domain)!r} has no readable image.")
+        labels = np.array([class_index[f.split(os.sep)[1]] for f in good], dtype=np.int64)
+        lost = [b for b in bad if b.path.split(os.sep)[0] == domain]
+        out.append(ImageFolderDomain(root, good, labels, image_size, skipped=lost))
     return out, classes
 
 
-def glob_escape(s: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in s)
+def skipped_images(domains: list[Dataset]) -> list[BadImage] | None:
+    """The unreadable files left out of folder domains (``--skip_bad_images``), in folder order; ``None`` when no
+    domain is read from a folder."""
+    folders = [d for d in domains if isinstance(d, ImageFolderDomain)]
+    return [b for d in folders for b in d.skipped] if folders else None
 
 
-def _ext_patterns() -> list[str]:
-    return sorted({e for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())})
+def image_list_digest(domains: list[Dataset]) -> str | None:
+    """A short fingerprint of the images (and labels) folder domains read, or ``None`` for other domains.
+
+    A resumed sweep compares it with the one it started with: the splits are indices into these lists.
+    """
+    folders = [d for d in domains if isinstance(d, ImageFolderDomain)]
+    if not folders:
+        return None
+    text = "\n".join(f"{f}\t{int(y)}" for d in folders for f, y in zip(d.files, d.labels))
+    count = sum(len(d) for d in folders)
+    return f"{count} images, sha1 {hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,11 +353,15 @@ def load_domains(
     hub_dataset: str | None,
     image_size: int,
     cache_dir: str | None = None,
+    skip_bad_images: bool = False,
+    progress: bool = True,
     **hub_kw,
 ) -> tuple[list[Dataset], list[str], list[str], DatasetInfo]:
     """The domains of ``dataset``: built in (``EmbeddedDigits``), from ``data_dir``, or from ``hub_dataset``.
 
     A name outside the registry is allowed with ``data_dir`` (domains = its sorted subfolders) or ``hub_dataset``.
+    The image files of ``data_dir`` are checked once, with a progress bar if ``progress``: unreadable ones raise
+    :class:`BadImagesError`, or with ``skip_bad_images`` are left out (``skipped_images(domains)`` lists them).
     Returns ``(domains, class names, domain names, info)``.
     """
     info = DATASETS.get(dataset)
@@ -296,7 +377,9 @@ def load_domains(
             info = DatasetInfo(tuple(_subdirs(data_dir)), num_classes=0)
             if len(info.domains) < 2:
                 raise ValueError(f"{data_dir!r} needs at least two domain folders, found {list(info.domains)}.")
-        data, classes = folder_domains(data_dir, list(info.domains), image_size, info.num_classes or None, cache_dir)
+        data, classes = folder_domains(
+            data_dir, list(info.domains), image_size, info.num_classes or None, skip_bad_images, progress
+        )
         return data, classes, list(info.domains), info
     data, classes, names = hub_domains(
         hub_dataset, list(info.domains) if info else None, image_size, **hub_kw, cache_dir=cache_dir

@@ -83,12 +83,25 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(output_dir: str, results: list[dict], domains: list[str], methods: list[str], protocol: dict) -> dict:
+def write_report(
+    output_dir: str,
+    results: list[dict],
+    domains: list[str],
+    methods: list[str],
+    protocol: dict,
+    skipped_images: dict | None = None,
+) -> dict:
     """Writes results.json, results.md, curves.png and chart.png; returns the table (with the paired differences of
-    GNN-MoE against every other method and, per method, how many runs selected their last checkpoint)."""
+    GNN-MoE against every other method and, per method, how many runs selected their last checkpoint).
+
+    ``skipped_images`` (``{"count", "files", "reasons"}``: unreadable files of a data folder left out by
+    ``--skip_bad_images``) goes to results.json as is and, when any were left out, to results.md.
+    """
     paired = paired_differences(results, methods)
     last = last_checkpoint_share(results, protocol.get("steps"))
     table = aggregate(results, domains, methods) | {"paired": paired, "last_checkpoint": last, "protocol": protocol}
+    if skipped_images is not None:
+        table["skipped_images"] = skipped_images
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(table, f, indent=2)
     note = (
@@ -104,9 +117,21 @@ def write_report(output_dir: str, results: list[dict], domains: list[str], metho
             f.write(markdown_paired(paired) + "\n")
         f.write("\nRuns that selected their last checkpoint: ")
         f.write(", ".join(f"{m} {k}/{n}" for m, (k, n) in last.items()) + "\n")
+        if skipped_images and skipped_images["count"]:
+            f.write(f"\n{markdown_skipped(skipped_images)}\n")
     plot_curves(os.path.join(output_dir, "curves.png"), results, domains, methods)
     plot_chart(os.path.join(output_dir, "chart.png"), table)
     return table
+
+
+def markdown_skipped(skipped: dict, shown: int = 20) -> str:
+    """One line naming the unreadable image files left out of the data (the first ``shown``; all in results.json)."""
+    files = ", ".join(f"`{f}`" for f in skipped["files"][:shown])
+    more = f" and {skipped['count'] - shown} more" if skipped["count"] > shown else ""
+    return (
+        f"Unreadable image files left out (`--skip_bad_images`): {skipped['count']}: {files}{more} "
+        "(reasons in results.json)."
+    )
 
 
 def _plt():

@@ -26,7 +26,7 @@ from peft_gnnmoe.tuners.gnnmoe.routing_figure import plot_expert_assignments
 from ..common.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 from . import methods, parallel, report
 from .batches import StepBatchSampler, augment, collate, normalize
-from .data import load_domains, make_split, seed_hash
+from .data import image_list_digest, load_domains, make_split, seed_hash, skipped_images
 
 # arguments that change results: a resumed sweep must use the same values
 PROTOCOL_KEYS = (
@@ -116,6 +116,8 @@ class Sweep:
             args.hub_dataset,
             self.image_size,
             cache_dir=args.cache_dir,
+            skip_bad_images=args.skip_bad_images,
+            progress=self.acc.is_local_main_process,
             **(
                 {
                     "domain_column": args.hub_domain_column,
@@ -156,6 +158,9 @@ class Sweep:
         args = self.args
         path = os.path.join(args.output_dir, "args.json")
         protocol = {k: getattr(args, k) for k in PROTOCOL_KEYS}
+        images = image_list_digest(self.domains)  # the splits index these lists: a resume must read the same ones
+        if images is not None:
+            protocol["images"] = images
         if args.shard and not os.path.exists(path):
             raise FileNotFoundError(f"--shard joins the sweep in {args.output_dir}, but it has no args.json.")
         if os.path.exists(path):
@@ -166,9 +171,18 @@ class Sweep:
                 )
             with open(path) as f:
                 old = json.load(f)["protocol"]
-            diff = {k: (old.get(k), v) for k, v in protocol.items() if old.get(k) != v}
+            # "images" is compared when the sweep recorded it (sweeps started before it was recorded did not)
+            diff = {k: (old.get(k), v) for k, v in protocol.items() if old.get(k) != v and (k != "images" or k in old)}
             if diff:
-                raise ValueError(f"Cannot resume {args.output_dir}: these arguments differ (saved, now): {diff}.")
+                raise ValueError(
+                    f"Cannot resume {args.output_dir}: these arguments differ (saved, now): {diff}."
+                    + (
+                        " 'images': the data folder's readable images changed since the sweep started (files "
+                        "added, removed, repaired or skipped), so its splits would differ; start a new sweep."
+                        if "images" in diff
+                        else ""
+                    )
+                )
         self.acc.wait_for_everyone()
         if self.acc.is_main_process and not args.shard:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -216,11 +230,19 @@ class Sweep:
                     "model_selection": "training-domain validation",
                     "seconds": round(time.time() - start),
                 },
+                skipped_images=self._skipped_record(),
             )
             print(report.markdown_table(table))
             print(f"results in {args.output_dir} ({time.time() - start:.0f}s)")
         self.acc.end_training()
         return table
+
+    def _skipped_record(self) -> dict | None:
+        """The image files left out by --skip_bad_images (``None`` when the data set is not a folder)."""
+        bad = skipped_images(self.domains)
+        if bad is None:
+            return None
+        return {"count": len(bad), "files": [b.path for b in bad], "reasons": {b.path: b.reason for b in bad}}
 
     # ------------------------------------------------------------------------------------------------------------
     def train_one(self, method: str, test_env: int, trial: int) -> dict:

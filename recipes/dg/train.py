@@ -97,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--hub_image_column", default="image", help="--hub_dataset column with the image.")
     d.add_argument("--cache_dir", help="Cache folder for `datasets` (default: its own).")
     d.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="Train without the --data_dir image files that cannot be read (zero bytes, truncated, not an image) "
+        "and record their count and names in results.json and results.md. By default such files stop the run "
+        "before training with a list of them all. They are never read padded, as DomainBed reads truncated JPEGs "
+        "(PIL's LOAD_TRUNCATED_IMAGES): that feeds grey where the data ends and silently changes the data set.",
+    )
+    d.add_argument(
         "--test_envs",
         type=int,
         nargs="+",

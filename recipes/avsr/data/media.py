@@ -1,11 +1,14 @@
 """Audio and video files of the AVSR recipe: decoding with maintained libraries, writing, and the stream rates.
 
 Video is decoded with PyAV (mp4), wav audio with soundfile, the sound track of an mp4 with PyAV. A file that cannot
-be read raises :class:`AVSRDataError` naming it.
+be read raises :class:`AVSRDataError` naming it: zero bytes, not a media file, truncated (an mp4 fails to decode; a
+wav holding fewer samples than its header declares, which soundfile would read short without a word), a wav at
+another rate than 16 kHz (an mp4's sound track is resampled), a video without frames.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,8 @@ def load_video(path: str | Path) -> np.ndarray:
 
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise AVSRDataError(f"video {path} has no frames (no video stream)")
             frames = [frame.to_ndarray(format="gray") for frame in container.decode(video=0)]
     except (OSError, av.error.FFmpegError, ValueError, IndexError) as err:
         raise AVSRDataError(f"cannot decode video {path}: {err}") from err
@@ -50,7 +55,29 @@ def load_audio(path: str | Path) -> np.ndarray:
         )
     if wave.shape[0] == 0:
         raise AVSRDataError(f"audio {path} is empty")
+    missing = wav_missing_bytes(path) if path.lower().endswith(".wav") else 0
+    if missing:
+        raise AVSRDataError(
+            f"audio {path} is truncated: {missing} bytes of the samples its header declares are missing; "
+            "copy or extract it again"
+        )
     return wave.mean(axis=1)
+
+
+def wav_missing_bytes(path: str | Path) -> int:
+    """How many bytes of sample data a RIFF/WAVE file lacks against its ``data`` chunk's declared size (0: none, or
+    the size is not declared, as streaming writers leave it, or the file is not a plain RIFF/WAVE file)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return 0
+        while len(chunk := f.read(8)) == 8:
+            size = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                present = os.fstat(f.fileno()).st_size - f.tell()
+                return 0 if size in (0, 0xFFFFFFFF) else max(size - present, 0)
+            f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    return 0
 
 
 def _load_mp4_audio(path: str) -> np.ndarray:

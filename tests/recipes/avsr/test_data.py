@@ -9,6 +9,7 @@ from recipes.avsr.data.collate import AVSRCollator, audio_frames, matching_video
 from recipes.avsr.data.dataset import AVSRDataset, VideoTransform
 from recipes.avsr.data.loader import LengthBucketSampler
 from recipes.avsr.data.lrs3 import (
+    Utterance,
     check_files,
     detect_layout,
     find_split_csv,
@@ -118,6 +119,48 @@ def test_missing_and_broken_files_are_reported_skipped_and_counted(tmp_path, cap
     assert batch["video_lengths"].tolist() == [20, 30, 25]
     assert batch["audio_features"].shape[:2] == (3, 80)
     assert batch["audio_lengths"].tolist() == [40, 60, 50]  # 50 Hz encoder frames: 2 per video frame
+
+
+def _empty_video(path: Path) -> None:
+    """An mp4 written with no frame (PyAV then leaves the video stream out)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height = stream.width = 48
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()
+
+
+def _cut_in_half(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+BAD_MEDIA = {  # kind -> (file it breaks, how, what the reason says); wrong-rate mp4 sound tracks are resampled
+    "zero-byte video": ("mp4", lambda p: p.write_bytes(b""), "cannot decode video"),
+    "zero-byte audio": ("wav", lambda p: p.write_bytes(b""), "cannot read audio"),
+    "truncated video": ("mp4", _cut_in_half, "cannot decode video"),
+    "truncated audio": ("wav", _cut_in_half, "is truncated"),
+    "wrong sample rate": ("wav", lambda p: write_wav(p, _tone(20)[::2], rate=8000), "8000 Hz; resample it"),
+    "video without frames": ("mp4", _empty_video, "has no frames"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_MEDIA))
+def test_each_kind_of_bad_file_is_skipped_and_counted_with_its_reason(tmp_path, kind):
+    suffix, spoil, reason = BAD_MEDIA[kind]
+    video, audio = tmp_path / "u.mp4", tmp_path / "u.wav"
+    write_video(video, _frames(20))
+    write_wav(audio, _tone(20))
+    spoil(video if suffix == "mp4" else audio)
+    utterance = Utterance("u", str(video), str(audio), "hello", 20)
+    dataset = AVSRDataset([utterance], "avsr", VideoTransform(crop_size=44))
+    collate = AVSRCollator(_extractor())
+    batch = collate([dataset[0]])
+    assert collate.skipped == 1
+    assert reason in batch["skipped"]["u"]
+    assert str(video if suffix == "mp4" else audio) in dataset.bad["u"]  # the file is named
 
 
 def test_error_names_a_missing_labels_file_and_bad_rows(tmp_path):
