@@ -74,6 +74,8 @@ class GNNMoELayer(BaseTunerLayer):
         self.merged_adapters = []
         self.kwargs = kwargs
         base = self.get_base_layer()
+        # the Linear's own sizes, never weight.shape: DeepSpeed ZeRO-3 partitions the weight to shape [0] (the full
+        # shape in weight.ds_shape) and FSDP2 shards it (tests/tuners/test_zero3_shapes.py, test_fsdp.py)
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, config: GNNMoEConfig, shared_router: GraphRouter | None = None) -> None:
