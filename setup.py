@@ -46,10 +46,12 @@ EXTRAS_REQUIRE = {
         "gguf>=0.10",
         "onnx>=1.15",
     ],
+    "trl": ["trl>=1.16"],  # peft_gnnmoe.trl: SFTTrainer with the sink-decorrelation term
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     # tests, lint, packaging checks, and the reference runtimes the converters are checked against
     "dev": [
         "pytest>=8",
+        "trl>=1.16",  # SFTTrainer (with packing) is one of the training loops the tests run
         "ruff>=0.5",
         "build>=1.2",
         "twine>=5",

@@ -24,7 +24,10 @@ check_deps = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_deps)
 PACKAGE = ROOT / "peft_gnnmoe"
 # imported by peft_gnnmoe only inside a function, for an optional feature that says how to install it when missing
-OPTIONAL_IMPORTS = {"skimage": "scikit-image"}  # `peft-gnnmoe analyze --image skimage:NAME`
+OPTIONAL_IMPORTS = {
+    "skimage": "scikit-image",  # `peft-gnnmoe analyze --image skimage:NAME`
+    "trl": "trl",  # peft_gnnmoe.trl, not imported by `import peft_gnnmoe`
+}
 
 
 def _module_name(path: Path) -> str:

@@ -28,7 +28,10 @@ def _cell(text: str) -> str:
 
 
 def _code(value: Any) -> str:
-    return "`" + repr(value).replace("|", "\\|") + "`"
+    text = repr(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and value == type(value)():
+        text = f"{type(value).__name__}()"  # a default-constructed config (e.g. LoraConfig()), not its 40 fields
+    return "`" + text.replace("|", "\\|") + "`"
 
 
 def field_default(field: dataclasses.Field) -> Any:

@@ -45,13 +45,18 @@ def test_every_field_with_help_is_a_row_with_its_default_and_help(hook, cls):
     assert [f.name for f in fields] == list(rows)
     for field in fields:
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        assert rows[field.name][0] == "`" + repr(default).replace("|", "\\|") + "`", field.name
+        shown = f"{type(default).__name__}()" if dataclasses.is_dataclass(default) else repr(default)
+        assert rows[field.name][0] == "`" + shown.replace("|", "\\|") + "`", field.name
         assert rows[field.name][1].replace("\\|", "|") == " ".join(field.metadata["help"].split()), field.name
 
 
 def test_a_default_factory_is_shown_by_its_value(hook):
     cell = _rows(hook.options_table(GNNMoEConfig))["shared_router_groups"][0]
     assert cell == f"`{GNNMoEConfig().shared_router_groups!r}`" and "q_proj" in cell  # not "<function <lambda>>"
+
+
+def test_a_default_config_is_shown_by_its_constructor_not_its_fields(hook):
+    assert _rows(hook.options_table(SinkDecorrelationConfig))["base_config"][0] == "`LoraConfig()`"
 
 
 def test_only_the_fields_the_class_declares_are_listed(hook):

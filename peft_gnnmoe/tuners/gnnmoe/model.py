@@ -250,6 +250,7 @@ class GNNMoEModel(BaseTuner):
         self._last_aux_loss = None
         mask = self._loss_context.attention_mask
         token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        _refuse_packed_rows(named.get("position_ids"), mask)
         pixel_grid = patch_grid_from_pixels(getattr(module, "config", None), named.get("pixel_values"))
         for router in self._routers(list(self.peft_config)).values():
             router.start_forward(None)  # no adapter keeps routings of an earlier call
@@ -380,3 +381,17 @@ class GNNMoEModel(BaseTuner):
 def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _refuse_packed_rows(position_ids: Any, attention_mask: Any) -> None:
+    """Raise on rows that hold several packed sequences (``position_ids`` restart, no ``attention_mask``, as in TRL's
+    padding-free batches): a router builds one graph per row, whose edges would link tokens of different sequences."""
+    if attention_mask is not None or not torch.is_tensor(position_ids) or position_ids.dim() != 2:
+        return
+    if position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+        raise ValueError(
+            "GNN-MoE routers build one graph per row, and this row holds several packed sequences (position_ids "
+            "restart and there is no attention_mask, as in padding-free batches): their graphs would link tokens of "
+            "different sequences. Packed rows are not supported: train without packing (TRL: "
+            "SFTConfig(packing=False, padding_free=False)) or pass one sequence per row with an attention_mask."
+        )

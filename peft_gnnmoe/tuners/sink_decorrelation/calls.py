@@ -18,7 +18,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ...utils.loss_terms import LossContext
 from .config import SinkDecorrelationConfig
-from .loss import layer_penalty_sums
+from .loss import layer_penalty_sums, packed_layer_penalty_sums
+from .packing import PackedLayout
 
 # transformers releases from this one on checkpoint a decoder layer's ``forward`` (not ``__call__``), so module hooks
 # stay outside the checkpointed region
@@ -31,12 +32,21 @@ class SinkCall:
 
     config: SinkDecorrelationConfig
     indices: list[int]
-    bos_positions: torch.Tensor  # (B,)
+    bos_positions: torch.Tensor  # (B,); packed rows: (B, T), the row position of each token's own BOS
     token_mask: torch.Tensor  # (B, T) bool
-    context: LossContext
+    context: LossContext  # packed rows: its labels are unpacked, one row per sequence
+    packed: PackedLayout | None = None  # the sequences packed in the rows, None for one sequence per row
     thread: int = field(default_factory=threading.get_ident)
     layer_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> S_l, (B,)
     handles: list[RemovableHandle] = field(default_factory=list)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Selected tokens of every sequence, ``(B,)`` (packed rows: ``(S,)``, one per packed sequence)."""
+        if self.packed is None:
+            return self.token_mask.sum(dim=1)
+        counts = torch.zeros(self.packed.num_sequences, dtype=torch.long, device=self.token_mask.device)
+        return counts.index_add(0, self.packed.sequence.flatten(), self.token_mask.flatten().long())
 
     def attach(self, layers: nn.ModuleList) -> None:
         """Register one forward hook per chosen layer; each computes that layer's ``S_l`` from its output."""
@@ -52,7 +62,14 @@ class SinkCall:
             if threading.get_ident() != self.thread or index in self.layer_sums:
                 return  # another thread's call (DataParallel replicas share hooks) or a recomputation
             hidden = output[0] if isinstance(output, (tuple, list)) else output  # B, T, D residual stream
-            self.layer_sums[index] = layer_penalty_sums(hidden, self.bos_positions, self.token_mask, self.config.form)
+            form = self.config.form
+            if self.packed is None:
+                self.layer_sums[index] = layer_penalty_sums(hidden, self.bos_positions, self.token_mask, form)
+            else:
+                packed = self.packed
+                self.layer_sums[index] = packed_layer_penalty_sums(
+                    hidden, self.bos_positions, self.token_mask, packed.sequence, packed.num_sequences, form
+                )
 
         return hook
 

@@ -192,6 +192,63 @@ def cosine_to_bos(hidden: torch.Tensor, bos_positions: torch.Tensor, eps: float 
         return _CosineToBos.apply(hidden, bos_positions.to(hidden.device), eps)
 
 
+class _CosineToOwnBos(torch.autograd.Function):
+    """``cos(h[b, t], h[b, bos[b, t]])`` for a BOS index per token (packed rows: each sequence has its own BOS).
+
+    The same gradient as ``_CosineToBos``, with each token's BOS-row part scattered back to its own BOS position.
+    Saves ``hidden`` and ``(B, T)`` tensors only; the ``(B, T, D)`` gather of the BOS rows is redone in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, bos_index: torch.Tensor, eps: float) -> torch.Tensor:
+        bos = hidden.gather(1, bos_index[..., None].expand_as(hidden))  # B, T, D
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)
+        dots = (hidden * bos).sum(dim=-1, dtype=accumulate)  # B, T
+        norms = torch.linalg.vector_norm(hidden, dim=-1, dtype=accumulate).clamp_min(eps)  # B, T
+        cos = dots / (norms * norms.gather(1, bos_index))
+        ctx.save_for_backward(hidden, bos_index, norms, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad_cos: torch.Tensor):
+        hidden, bos_index, norms, cos = ctx.saved_tensors
+        index = bos_index[..., None].expand_as(hidden)
+        bos = hidden.gather(1, index)  # B, T, D
+        bos_norms = norms.gather(1, bos_index)  # B, T
+        dtype = hidden.dtype
+        along_bos = (grad_cos / (norms * bos_norms)).to(dtype)[..., None]
+        along_self = (grad_cos * cos / norms.square()).to(dtype)[..., None]
+        grad_hidden = bos * along_bos - hidden * along_self
+        to_bos = hidden * along_bos - bos * (grad_cos * cos / bos_norms.square()).to(dtype)[..., None]
+        return grad_hidden.scatter_add_(1, index, to_bos), None, None
+
+
+def packed_layer_penalty_sums(
+    hidden: torch.Tensor,
+    bos_index: torch.Tensor,
+    token_mask: torch.Tensor,
+    sequence: torch.Tensor,
+    num_sequences: int,
+    form: Form = "squared",
+) -> torch.Tensor:
+    """``S[s]`` of every sequence ``s`` packed in ``hidden`` (``(B, T, D)``), shape ``(num_sequences,)``.
+
+    ``bos_index`` (``(B, T)``) is the row position of each token's own BOS, ``sequence`` (``(B, T)``) the index of
+    its sequence; see ``packing.PackedLayout``.
+    """
+    device = hidden.device
+    no_autocast = (
+        torch.autocast(device_type=device.type, enabled=False)
+        if torch.amp.is_autocast_available(device.type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:
+        cos = _CosineToOwnBos.apply(hidden, bos_index.to(device), 1e-6)
+    values = (cos.square() if form == "squared" else cos.abs()) * token_mask.to(device=device, dtype=cos.dtype)
+    sums = values.new_zeros(num_sequences)
+    return sums.index_add(0, sequence.to(device).flatten(), values.flatten())
+
+
 def layer_penalty_sums(
     hidden: torch.Tensor, bos_positions: torch.Tensor, token_mask: torch.Tensor, form: Form = "squared"
 ) -> torch.Tensor:

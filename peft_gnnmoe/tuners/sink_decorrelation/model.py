@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -10,18 +12,28 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ...utils.hooks import install_model_hooks
-from ...utils.loss_terms import add_to_loss, forward_arguments, loss_context, sample_weights, warn_once
+from ...utils.loss_terms import (
+    LossContext,
+    add_to_loss,
+    forward_arguments,
+    loss_context,
+    sample_weights,
+    warn_once,
+)
 from ...utils.model_introspection import bos_token_id, find_decoder_layers, resolve_layer_indices
 from ...utils.peft_internals import inject_inner_adapter
 from .calls import CallRegistry, SinkCall, check_gradient_checkpointing
 from .config import SinkDecorrelationConfig
 from .loss import decorrelation_token_mask, find_bos_positions, reduce_layer_sums, valid_token_mask
+from .packing import PackedLayout, packed_layout
 
 # forward() keyword arguments consumed by the wrapper (removed before the transformers model sees them)
 EXTRA_FORWARD_ARGS = ("bos_positions", "decorrelation_mask")
 # forward() arguments that carry a KV cache (transformers 5.24 calls it ``cache``, earlier releases
 # ``past_key_values``): a call with a cache is a decoding step and never computes the loss
 CACHE_ARGS = ("cache", "past_key_values")
+# forward() arguments of padding-free batches besides position_ids (TRL's and transformers' flattening collators)
+PACKING_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
 
 
 class SinkDecorrelationModel(BaseTuner):
@@ -84,6 +96,7 @@ class SinkDecorrelationModel(BaseTuner):
             self._calls = CallRegistry()
             self._layer_paths: dict[str, str] = {}
             self._loss_enabled = True
+            self._collector: list[tuple[torch.Tensor, torch.Tensor]] | None = None
             self.last_loss_parts: dict[str, Any] = {}
 
     def _create_and_replace(self, *args, **kwargs) -> None:
@@ -155,6 +168,17 @@ class SinkDecorrelationModel(BaseTuner):
         self._model_hooks = []
         self._calls.finish_all()
 
+    @contextlib.contextmanager
+    def collect_loss_terms(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Within the block, every training call hands its term to the caller instead of adding it to the model's
+        loss: the yielded list gets ``(weight * L_decor, L_decor's mean over the call's sequences)`` per call with
+        gradients. For trainers that compute the loss themselves (TRL's fused LM head, see ``peft_gnnmoe.trl``)."""
+        previous, self._collector = self._collector, []
+        try:
+            yield self._collector
+        finally:
+            self._collector = previous
+
     # ---- the loss --------------------------------------------------------------------------------------------------
 
     def _active_config(self) -> tuple[str, SinkDecorrelationConfig] | None:
@@ -173,6 +197,13 @@ class SinkDecorrelationModel(BaseTuner):
             return args, kwargs
         adapter_name, config = active
         inputs = forward_arguments(module, args, kwargs)
+        if inputs.get("fused_lm_head") and torch.is_grad_enabled() and self._collector is None:
+            raise ValueError(
+                "this training call asks for TRL's fused LM head (fused_lm_head=True): TRL's trainers then compute "
+                "the loss from the per-token log-probabilities and never read the model's loss, so the "
+                "decorrelation term would be dropped without a word. Train with `from peft_gnnmoe.trl import "
+                "SFTTrainer`, a drop-in subclass of trl.SFTTrainer that adds the term."
+            )
         if any(inputs.get(name) is not None for name in CACHE_ARGS):
             # a decoding step (generate) or a continuation of a cached sequence: no loss
             if inputs.get("labels") is not None:
@@ -189,17 +220,32 @@ class SinkDecorrelationModel(BaseTuner):
         if reference is None:
             raise ValueError("the decorrelation loss needs input_ids or inputs_embeds.")
         batch_size, seq_len = reference.shape[:2]
-        valid = valid_token_mask(inputs.get("attention_mask"), batch_size, seq_len, reference.device)
-        bos_positions = find_bos_positions(
-            valid,
-            input_ids,
-            bos_token_id(module, config.bos_token_id),
-            config.bos,
-            bos_positions=extra.get("bos_positions"),
-        )
-        token_mask = decorrelation_token_mask(
-            valid, bos_positions, config.tokens, inputs.get("labels"), extra.get("decorrelation_mask")
-        )
+        attention_mask, labels = inputs.get("attention_mask"), inputs.get("labels")
+        valid = valid_token_mask(attention_mask, batch_size, seq_len, reference.device)
+        context = loss_context(module, args, kwargs, named=inputs)
+        # transformers keeps packed sequences apart when position_ids restart and no attention_mask is given
+        packed = packed_layout(inputs.get("position_ids"), batch_size, seq_len) if attention_mask is None else None
+        if packed is None:
+            if attention_mask is None and any(inputs.get(name) is not None for name in PACKING_ARGS):
+                raise ValueError(
+                    "this call has packed-sequence arguments (cu_seq_lens_* / seq_idx) but no position_ids that "
+                    "restart at each sequence, so the decorrelation loss cannot tell the packed sequences apart: pass "
+                    "position_ids (TRL's and transformers' padding-free collators do)."
+                )
+            bos_positions = find_bos_positions(
+                valid,
+                input_ids,
+                bos_token_id(module, config.bos_token_id),
+                config.bos,
+                bos_positions=extra.get("bos_positions"),
+            )
+            token_mask = decorrelation_token_mask(
+                valid, bos_positions, config.tokens, labels, extra.get("decorrelation_mask")
+            )
+        else:
+            bos_positions, token_mask, context = self._packed_selection(
+                module, config, packed, valid, input_ids, labels, context, extra
+            )
         if not bool(token_mask.any()):
             warn_once(
                 self,
@@ -212,9 +258,50 @@ class SinkDecorrelationModel(BaseTuner):
         layers = module.get_submodule(self._layer_paths[adapter_name])
         indices = resolve_layer_indices(config.layers, len(layers))
         check_gradient_checkpointing(layers, indices)
-        call = SinkCall(config, indices, bos_positions, token_mask, loss_context(module, args, kwargs, named=inputs))
+        call = SinkCall(config, indices, bos_positions, token_mask, context, packed)
         self._calls.start(call, layers)
         return args, kwargs
+
+    def _packed_selection(
+        self,
+        module: nn.Module,
+        config: SinkDecorrelationConfig,
+        packed: PackedLayout,
+        valid: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        context: LossContext,
+        extra: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor, LossContext]:
+        """BOS and selected tokens of packed rows, found on the unpacked view (one row per sequence, as in a padded
+        batch); returns each token's own BOS position in its row, the packed token mask and the loss context with
+        unpacked labels (so that every packed sequence is weighted as the model's loss weights it)."""
+        if extra.get("bos_positions") is not None:
+            raise ValueError(
+                "bos_positions= gives one BOS per row, but these rows hold packed sequences (position_ids restart): "
+                "pass a decorrelation_mask= or use SinkDecorrelationConfig(bos='first') (each packed sequence's "
+                "first token)."
+            )
+        # a one-token sequence has nothing to compare with its BOS (padding-free collators pad with position 0)
+        unpacked_valid = packed.unpack(valid, False) & (packed.lengths > 1)[:, None]
+        unpacked_ids = None if input_ids is None else packed.unpack(input_ids, -1)
+        unpacked_labels = None if labels is None else packed.unpack(labels, -100)
+        unpacked_mask = extra.get("decorrelation_mask")
+        if unpacked_mask is not None:
+            if unpacked_mask.shape != valid.shape:
+                raise ValueError(
+                    f"decorrelation_mask has shape {tuple(unpacked_mask.shape)}, expected {tuple(valid.shape)}."
+                )
+            unpacked_mask = packed.unpack(unpacked_mask.bool(), False)
+        bos = find_bos_positions(unpacked_valid, unpacked_ids, bos_token_id(module, config.bos_token_id), config.bos)
+        token_mask = decorrelation_token_mask(unpacked_valid, bos, config.tokens, unpacked_labels, unpacked_mask)
+        shift_labels = context.shift_labels
+        context = dataclasses.replace(
+            context,
+            labels=unpacked_labels,
+            shift_labels=None if shift_labels is None else packed.unpack(shift_labels, -100),
+        )
+        return packed.start + bos[packed.sequence], packed.pack(token_mask), context
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self._calls.finish()
@@ -224,12 +311,13 @@ class SinkDecorrelationModel(BaseTuner):
         if missing:
             raise RuntimeError(f"decoder layers {missing} did not run in this forward; cannot compute their loss.")
         config = call.config
-        counts = call.token_mask.sum(dim=1)
+        counts = call.counts
         layer_sums = [call.layer_sums[i] for i in call.indices]
         if config.reduction == "sample":
             per_sample = reduce_layer_sums(layer_sums, counts, "sample")
             weights = sample_weights(call.context, module, per_sample.shape[0], per_sample.device)
             decor = (weights * per_sample).sum()
+            call_mean = decor.detach() / weights.sum().clamp_min(1e-12)  # as if the call were the whole batch
             per_layer = [(weights * s.to(counts.device) / counts.clamp_min(1)).sum() for s in layer_sums]
         else:
             if call.context.num_items_in_batch is not None:
@@ -242,13 +330,19 @@ class SinkDecorrelationModel(BaseTuner):
                 )
             per_sample = None
             decor = reduce_layer_sums(layer_sums, counts, "tokens")
+            call_mean = decor.detach()
             per_layer = [reduce_layer_sums([s], counts, "tokens") for s in layer_sums]
 
         ce = _loss_of(output)
         if ce is not None:
             decor = decor.to(ce.device)  # the loss may live on another device than the inputs (device_map="auto")
-        output, added = add_to_loss(output, config.weight * decor)
-        if not added:
+        if self._collector is not None:  # the trainer adds the term to the loss it computes
+            if torch.is_grad_enabled():
+                self._collector.append((config.weight * decor, call_mean))
+            added = False
+        else:
+            output, added = add_to_loss(output, config.weight * decor)
+        if not added and self._collector is None:
             warn_once(
                 self,
                 "no_loss",

@@ -88,3 +88,13 @@ def test_knn_plus_grid_without_a_grid_is_an_error_not_a_silent_knn():
     model = get_peft_model(T.BertModel(config), GNNMoEConfig(target_modules=["query"], graph="knn+grid"))
     with pytest.raises(ValueError, match="cannot place 7 patch tokens.*graph='knn'"):
         model(input_ids=torch.randint(1, 50, (2, 7)))
+
+
+def test_packed_text_rows_are_refused_not_linked_across_sequences():
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = get_peft_model(T.BertModel(config), GNNMoEConfig(target_modules=["query"], graph="knn"))
+    ids = torch.randint(1, 50, (1, 7))
+    model(input_ids=ids, position_ids=torch.arange(7)[None])  # one sequence: fine
+    with pytest.raises(ValueError, match="several packed sequences.*packing=False"):
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]))
+    model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]]), attention_mask=torch.ones(1, 7))
