@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -10,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from transformers.utils import ModelOutput
 
 from ...utils.hooks import install_model_hooks
 from ...utils.loss_terms import (
@@ -60,8 +62,11 @@ class SinkDecorrelationModel(BaseTuner):
         * ``forward`` accepts two extra keyword arguments: ``bos_positions`` (int or ``(B,)`` tensor, e.g. for
           multimodal ``inputs_embeds`` where BOS is not at a known token id) and ``decorrelation_mask`` (bool
           ``(B, T)``: the tokens to compare with BOS, replacing ``config.tokens``).
+        * Packed rows (``position_ids`` restarting, no ``attention_mask``: TRL's ``packing=True``) are split into
+          their sequences as transformers' attention splits them, and each is one sequence of the loss (``packing``).
 
-    Outputs: ``out.loss`` is the total; ``out.ce_loss`` and ``out.decorrelation_loss`` hold the parts
+    Outputs: ``out.loss`` is the total; ``out.ce_loss`` and ``out.decorrelation_loss`` hold the parts, as fields of
+    the output (they survive accelerate's mixed-precision output conversion and DDP)
     (``out.loss = out.ce_loss + weight * out.decorrelation_loss``; also on ``model.last_loss_parts``, detached, with
     the per-layer and per-sequence values, from the latest call). An output without a loss (no labels, or labels
     removed by Trainer's label smoothing / ``compute_loss_func``) gets only the parts, with a warning, as does a batch
@@ -359,10 +364,28 @@ class SinkDecorrelationModel(BaseTuner):
             "per_layer": {i: v.detach() for i, v in zip(call.indices, per_layer)},
             "per_sample": None if per_sample is None else per_sample.detach(),
         }
-        if not isinstance(output, tuple):
-            output.ce_loss = ce
-            output.decorrelation_loss = decor
-        return output
+        return _with_parts(output, ce_loss=ce, decorrelation_loss=decor)
+
+
+def _with_parts(output: Any, ce_loss: torch.Tensor | None, decorrelation_loss: torch.Tensor) -> Any:
+    """The output with the loss parts as fields. A ``ModelOutput`` becomes an instance of a subclass of its own class
+    with two more fields, so that the parts survive every rebuild of the output from its fields (accelerate's float32
+    conversion under mixed precision, DDP's pytree round trip); the model's own fields keep their positions."""
+    if isinstance(output, ModelOutput) and dataclasses.is_dataclass(output):
+        return _output_class_with_parts(type(output))(**output, ce_loss=ce_loss, decorrelation_loss=decorrelation_loss)
+    if not isinstance(output, tuple):
+        output.ce_loss, output.decorrelation_loss = ce_loss, decorrelation_loss
+    return output
+
+
+@functools.cache
+def _output_class_with_parts(cls: type) -> type:
+    if {f.name for f in dataclasses.fields(cls)} >= {"ce_loss", "decorrelation_loss"}:
+        return cls  # the output of a call already wrapped (nested sink-decorrelation models)
+    parts = [
+        (name, torch.Tensor | None, dataclasses.field(default=None)) for name in ("ce_loss", "decorrelation_loss")
+    ]
+    return dataclasses.make_dataclass(cls.__name__, parts, bases=(cls,))
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:

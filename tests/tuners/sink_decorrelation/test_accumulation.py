@@ -57,3 +57,19 @@ def test_accumulate_loop_matches_one_batch(k, sink_model, lm_batch):
     one = _loop_with_accumulate(sink_model(weight=WEIGHT), data, 1)
     several = _loop_with_accumulate(sink_model(weight=WEIGHT), data, k)
     assert _relative_difference(several, one) <= 1e-5
+
+
+def test_loss_parts_survive_accelerate_mixed_precision(sink_model, lm_batch):
+    # accelerate rebuilds the output from its keys to cast it to float32; the parts must be keys, not attributes
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state is a singleton: other tests made it fp32
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        model = accelerator.prepare(sink_model(weight=WEIGHT))
+        out = model(**lm_batch())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert out.decorrelation_loss > 0 and out.ce_loss > 0
+    torch.testing.assert_close(out.loss, out.ce_loss + WEIGHT * out.decorrelation_loss, rtol=1e-2, atol=1e-2)
+    assert out.to_tuple()[:2] == (out.loss, out.logits)  # the model's own fields keep their positions

@@ -56,16 +56,19 @@ class _Logs(TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def _trainer(cls, dataset, tokenizer, tmp_path, packing: bool, tokens: str = "all"):
+def _trainer(cls, dataset, tokenizer, tmp_path, packing: bool, tokens: str = "all", **overrides):
     model = _make_lm("llama")
     model.config.pad_token_id = PAD
+    settings = dict(
+        per_device_train_batch_size=8,  # every sequence in one batch, packed into one row or padded
+        max_length=128,
+        learning_rate=0.0,  # the model after the step is the model of the step
+    )
     args = trl.SFTConfig(
         output_dir=str(tmp_path),
         max_steps=1,
-        per_device_train_batch_size=8,  # every sequence in one batch, packed into one row or padded
         packing=packing,
-        max_length=128,
-        learning_rate=0.0,  # the model after the step is the model of the step
+        **{**settings, **overrides},
         report_to=[],
         logging_steps=1,
         save_strategy="no",
@@ -88,8 +91,7 @@ def _direct_loss(trainer) -> tuple[float, float]:
     model = trainer.model.train()
     with torch.no_grad():
         out = model(**batch, use_cache=False)
-    # accelerate's output conversion rebuilds the output, so the parts are read from the tuner
-    return out.loss.item(), model.base_model.last_loss_parts["decorrelation_loss"].item()
+    return out.loss.item(), out.decorrelation_loss.item()
 
 
 @pytest.mark.parametrize("kind, tokens", [("text", "all"), ("prompt-completion", "prefix")])
@@ -106,6 +108,31 @@ def test_sft_trainer_loss_is_ce_plus_the_decorrelation_term_packed_or_not(datase
         logged[packing] = step
     assert logged[True]["loss"] == pytest.approx(logged[False]["loss"], rel=1e-5)
     assert logged[True]["decorrelation_loss"] == pytest.approx(logged[False]["decorrelation_loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_gives_the_step_of_one_batch_packed(datasets, tokenizer, tmp_path):
+    # short rows hold 2-4 sequences each; 4 rows per step, in one micro-batch or in two
+    adapters = []
+    for steps in (1, 2):
+        trainer, _ = _trainer(
+            SFTTrainer,
+            datasets["text"],
+            tokenizer,
+            tmp_path / str(steps),
+            packing=True,
+            max_length=20,
+            per_device_train_batch_size=4 // steps,
+            gradient_accumulation_steps=steps,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,  # no clipping
+        )
+        assert len(trainer.train_dataset) == 4
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        adapters.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad})
+    for name, update in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], update, rtol=1e-5, atol=1e-7)
 
 
 def test_sft_trainer_adapter_saves_and_reloads(datasets, tokenizer, tmp_path):
