@@ -25,14 +25,22 @@ WEIGHT = 1.0
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    vocab = {f"<{i}>": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<2>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=f"t{BOS}", pad_token=f"t{PAD}", eos_token="t2")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=f"<{BOS}>", pad_token=f"<{PAD}>", eos_token="<2>"
+    )
+    # the assistant's tokens are marked for TRL's assistant_only_loss
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ ' ' + m['content'] }}"
+        "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    return tokenizer
 
 
 def _text(generator, length: int) -> str:
-    return " ".join(f"t{i}" for i in torch.randint(3, VOCAB, (length,), generator=generator).tolist())
+    return " ".join(f"<{i}>" for i in torch.randint(3, VOCAB, (length,), generator=generator).tolist())
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +49,22 @@ def datasets():
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(3, 9, (8,), generator=generator).tolist()
-    plain = Dataset.from_list([{"text": f"t{BOS} " + _text(generator, n)} for n in lengths])
+    plain = Dataset.from_list([{"text": f"<{BOS}> " + _text(generator, n)} for n in lengths])
     prompts = Dataset.from_list(
-        [{"prompt": f"t{BOS} " + _text(generator, n), "completion": " " + _text(generator, 3)} for n in lengths]
+        [{"prompt": f"<{BOS}> " + _text(generator, n), "completion": " " + _text(generator, 3)} for n in lengths]
     )
-    return {"text": plain, "prompt-completion": prompts}
+    chats = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"<{BOS}> " + _text(generator, n)},
+                    {"role": "assistant", "content": _text(generator, 3)},
+                ]
+            }
+            for n in lengths
+        ]
+    )
+    return {"text": plain, "prompt-completion": prompts, "conversational": chats}
 
 
 class _Logs(TrainerCallback):
@@ -94,11 +113,25 @@ def _direct_loss(trainer) -> tuple[float, float]:
     return out.loss.item(), out.decorrelation_loss.item()
 
 
-@pytest.mark.parametrize("kind, tokens", [("text", "all"), ("prompt-completion", "prefix")])
-def test_sft_trainer_loss_is_ce_plus_the_decorrelation_term_packed_or_not(datasets, tokenizer, tmp_path, kind, tokens):
+# plain text (every token); completion-only and assistant-only labels, with the prompt tokens compared with BOS
+@pytest.mark.parametrize(
+    "kind, tokens, overrides",
+    [
+        ("text", "all", {}),
+        ("prompt-completion", "prefix", {}),
+        ("conversational", "prefix", {"assistant_only_loss": True}),
+    ],
+)
+def test_sft_trainer_loss_is_ce_plus_the_decorrelation_term_packed_or_not(
+    datasets, tokenizer, tmp_path, kind, tokens, overrides
+):
     logged = {}
     for packing in (False, True):
-        trainer, logs = _trainer(SFTTrainer, datasets[kind], tokenizer, tmp_path / str(packing), packing, tokens)
+        trainer, logs = _trainer(
+            SFTTrainer, datasets[kind], tokenizer, tmp_path / str(packing), packing, tokens, **overrides
+        )
+        if kind != "text":  # only the 8 completions (3 tokens and at most an EOS each) carry labels
+            assert int((next(iter(trainer.get_train_dataloader()))["labels"] != -100).sum()) <= 8 * 4
         trainer.train()
         step = logs.logs[0]
         total, decor = _direct_loss(trainer)
@@ -111,7 +144,7 @@ def test_sft_trainer_loss_is_ce_plus_the_decorrelation_term_packed_or_not(datase
 
 
 def test_gradient_accumulation_gives_the_step_of_one_batch_packed(datasets, tokenizer, tmp_path):
-    # short rows hold 2-4 sequences each; 4 rows per step, in one micro-batch or in two
+    # rows of at most 16 tokens hold about 2 sequences each: 4 rows per step, in one micro-batch or in two
     adapters = []
     for steps in (1, 2):
         trainer, _ = _trainer(
@@ -120,7 +153,7 @@ def test_gradient_accumulation_gives_the_step_of_one_batch_packed(datasets, toke
             tokenizer,
             tmp_path / str(steps),
             packing=True,
-            max_length=20,
+            max_length=16,
             per_device_train_batch_size=4 // steps,
             gradient_accumulation_steps=steps,
             optim="sgd",
