@@ -12,6 +12,7 @@ tuners' tests do), the same ones the reloading process builds.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -178,6 +179,7 @@ def _worker(rank: int, out: Path) -> None:
         torch.save(results, out / "results.pt")
     # explicit teardown: left to interpreter exit, gloo's threads can abort a rank (no finally: after an error the
     # other rank would wait here forever, while spawn's join ends it)
+    gc.collect()  # the sharded models hold the group: release them first, or its destructor can hang later
     dist.barrier()
     dist.destroy_process_group()
 

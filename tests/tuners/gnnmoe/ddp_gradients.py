@@ -5,6 +5,7 @@ Run with ``torchrun --nproc_per_node N ddp_gradients.py OUT.pt`` (CPU, gloo): th
 ``8 / N`` per process, so every N must give the same (averaged) gradients.
 """
 
+import gc
 import os
 import sys
 
@@ -82,6 +83,7 @@ def main(out: str) -> None:
 def shut_down_process_group() -> None:
     """Wait for every rank, then tear the gloo group down explicitly: left to interpreter exit, its threads can abort
     a rank (``terminate called without an active exception``) on a loaded machine."""
+    gc.collect()  # the DDP reducer holds the group: release it first, or the group's destructor can hang later
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

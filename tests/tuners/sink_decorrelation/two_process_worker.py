@@ -6,6 +6,7 @@ gloo on CPU): the gradients must agree. Used by test_two_processes.py.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -63,10 +64,24 @@ class _Grab(T.TrainerCallback):
 
 
 def main(path: str, weight: float) -> None:
+    grads, process_index = _train(os.path.dirname(path), weight)
+    if process_index == 0:
+        save_file({n.removeprefix("module."): grads[n].contiguous() for n in sorted(grads)}, path)
+    # explicit teardown, once the trainer (and the DDP reducer, which holds the process group) is gone: destroyed
+    # while a reducer still held it, the group's destructor could hang joining gloo's threads; left to interpreter
+    # exit, gloo can abort a rank
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _train(output_dir: str, weight: float) -> tuple[dict[str, torch.Tensor], int]:
+    """One Trainer step; returns the gradients before the optimizer step and this process's index."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     grab = _Grab()
     args = T.TrainingArguments(
-        output_dir=os.path.dirname(path),
+        output_dir=output_dir,
         per_device_train_batch_size=len(LENGTHS) // world_size,
         max_steps=1,
         max_grad_norm=0.0,
@@ -79,12 +94,7 @@ def main(path: str, weight: float) -> None:
         model=_model(weight), args=args, train_dataset=_dataset(), data_collator=_collate, callbacks=[grab]
     )
     trainer.train()
-    if trainer.args.process_index == 0:
-        names = sorted(grab.grads)
-        save_file({n.removeprefix("module."): grab.grads[n].contiguous() for n in names}, path)
-    if torch.distributed.is_initialized():  # explicit teardown: left to interpreter exit, gloo can abort a rank
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    return grab.grads, trainer.args.process_index
 
 
 if __name__ == "__main__":
