@@ -22,6 +22,7 @@ from ...utils.loss_terms import (
     sample_weights,
     warn_once,
 )
+from ...utils.packing import sequence_starts
 from ...utils.peft_internals import filter_state_dict_by_key_prefixes, tuner_state_dict_key_prefixes
 from .architectures import (
     VIT_FAMILY_TARGET_MODULES,
@@ -388,7 +389,7 @@ def _refuse_packed_rows(position_ids: Any, attention_mask: Any) -> None:
     padding-free batches): a router builds one graph per row, whose edges would link tokens of different sequences."""
     if attention_mask is not None or not torch.is_tensor(position_ids) or position_ids.dim() != 2:
         return
-    if position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+    if bool(sequence_starts(position_ids)[:, 1:].any()):
         raise ValueError(
             "GNN-MoE routers build one graph per row, and this row holds several packed sequences (position_ids "
             "restart and there is no attention_mask, as in padding-free batches): their graphs would link tokens of "

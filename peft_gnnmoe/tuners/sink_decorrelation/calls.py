@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ...utils.loss_terms import LossContext
+from ...utils.packing import PackedLayout
 from .config import SinkDecorrelationConfig
 from .loss import layer_penalty_sums, packed_layer_penalty_sums
-from .packing import PackedLayout
 
 # transformers releases from this one on checkpoint a decoder layer's ``forward`` (not ``__call__``), so module hooks
 # stay outside the checkpointed region

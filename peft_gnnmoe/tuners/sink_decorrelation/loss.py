@@ -182,14 +182,15 @@ def cosine_to_bos(hidden: torch.Tensor, bos_positions: torch.Tensor, eps: float 
     Computed in the hidden state's own dtype without autocast (float32 norms and cosines), so no ``(B, T, D)`` copy
     is kept for backward; the backward is fused (see ``_CosineToBos``).
     """
-    device_type = hidden.device.type
-    no_autocast = (
-        torch.autocast(device_type=device_type, enabled=False)
-        if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
+    with _no_autocast(hidden.device.type):
         return _CosineToBos.apply(hidden, bos_positions.to(hidden.device), eps)
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device_type`` (a no-op where that device has no autocast)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _CosineToOwnBos(torch.autograd.Function):
@@ -234,15 +235,10 @@ def packed_layer_penalty_sums(
     """``S[s]`` of every sequence ``s`` packed in ``hidden`` (``(B, T, D)``), shape ``(num_sequences,)``.
 
     ``bos_index`` (``(B, T)``) is the row position of each token's own BOS, ``sequence`` (``(B, T)``) the index of
-    its sequence; see ``packing.PackedLayout``.
+    its sequence; see ``peft_gnnmoe.utils.packing.PackedLayout``.
     """
     device = hidden.device
-    no_autocast = (
-        torch.autocast(device_type=device.type, enabled=False)
-        if torch.amp.is_autocast_available(device.type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:
+    with _no_autocast(device.type):
         cos = _CosineToOwnBos.apply(hidden, bos_index.to(device), 1e-6)
     values = (cos.square() if form == "squared" else cos.abs()) * token_mask.to(device=device, dtype=cos.dtype)
     sums = values.new_zeros(num_sequences)

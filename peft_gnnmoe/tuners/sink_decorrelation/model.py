@@ -23,11 +23,11 @@ from ...utils.loss_terms import (
     warn_once,
 )
 from ...utils.model_introspection import bos_token_id, find_decoder_layers, resolve_layer_indices
+from ...utils.packing import PackedLayout, packed_layout
 from ...utils.peft_internals import inject_inner_adapter
 from .calls import CallRegistry, SinkCall, check_gradient_checkpointing
 from .config import SinkDecorrelationConfig
 from .loss import decorrelation_token_mask, find_bos_positions, reduce_layer_sums, valid_token_mask
-from .packing import PackedLayout, packed_layout
 
 # forward() keyword arguments consumed by the wrapper (removed before the transformers model sees them)
 EXTRA_FORWARD_ARGS = ("bos_positions", "decorrelation_mask")
@@ -63,7 +63,8 @@ class SinkDecorrelationModel(BaseTuner):
           multimodal ``inputs_embeds`` where BOS is not at a known token id) and ``decorrelation_mask`` (bool
           ``(B, T)``: the tokens to compare with BOS, replacing ``config.tokens``).
         * Packed rows (``position_ids`` restarting, no ``attention_mask``: TRL's ``packing=True``) are split into
-          their sequences as transformers' attention splits them, and each is one sequence of the loss (``packing``).
+          their sequences as transformers' attention splits them, and each is one sequence of the loss
+          (``peft_gnnmoe.utils.packing``).
 
     Outputs: ``out.loss`` is the total; ``out.ce_loss`` and ``out.decorrelation_loss`` hold the parts, as fields of
     the output (they survive accelerate's mixed-precision output conversion and DDP)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_gnnmoe.tuners.sink_decorrelation.packing import packed_layout
+from peft_gnnmoe.utils.packing import packed_layout
 
 from ...conftest import BOS, PAD, VOCAB, _sink_model
 

@@ -40,6 +40,14 @@ class PackedLayout:
         return unpacked[self.sequence, self.offset]
 
 
+def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Bool mask, shaped like ``position_ids`` ``(B, T)``, of the tokens that begin a sequence: the first of a row and
+    every token whose position does not follow the previous one's by one (transformers' rule for packed rows)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids.diff(dim=-1) != 1
+    return starts
+
+
 def packed_layout(position_ids: torch.Tensor | None, batch_size: int, seq_len: int) -> PackedLayout | None:
     """The layout of the sequences packed in rows of ``position_ids`` (``(B, T)`` or ``(1, T)``), or None when no row
     holds more than one sequence. A sequence starts at the beginning of a row and wherever ``position_ids`` does not
@@ -47,8 +55,7 @@ def packed_layout(position_ids: torch.Tensor | None, batch_size: int, seq_len: i
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != seq_len:
         return None
     positions = position_ids.expand(batch_size, -1)
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions.diff(dim=-1) != 1
+    starts = sequence_starts(positions)
     if not bool(starts[:, 1:].any()):
         return None
     in_row = starts.long().cumsum(dim=1) - 1  # (B, T): sequence index within the row
