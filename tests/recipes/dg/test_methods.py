@@ -16,9 +16,9 @@ def hp(**kw):
 
 def test_gnnmoe_defaults_are_the_librarys():
     library = GNNMoEConfig()
-    args = train.parse_args([])
+    cfg = train.parse_args([])
     for name in ("num_experts", "top_k", "kron_rank", "kron_factor"):
-        assert getattr(args, name) == getattr(library, name), name
+        assert getattr(cfg.model, name) == getattr(library, name), name
         assert getattr(methods.MethodArgs(), name) == getattr(library, name), name
 
 
@@ -41,9 +41,9 @@ def test_a_router_can_be_named_in_the_method():
 
 
 def test_main_job_defaults_run_one_router_and_no_ablations():
-    args = train.parse_args([])
-    assert args.router == [GNNMoEConfig().router]
-    assert args.method == ["gnnmoe", "lora", "lokr", "probe", "full"]
+    cfg = train.parse_args([])
+    assert cfg.model.router == [GNNMoEConfig().router]
+    assert cfg.model.method == ["gnnmoe", "lora", "lokr", "probe", "full"]
 
 
 def test_unknown_method_fails_before_any_data_is_loaded():

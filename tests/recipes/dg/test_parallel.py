@@ -7,7 +7,7 @@ import pytest
 from recipes.dg import parallel, train
 
 TINY = [
-    "--trial_seeds",
+    "--seeds",
     "0",
     "--test_envs",
     "0",
@@ -15,7 +15,7 @@ TINY = [
     "--method",
     "lora",
     "probe",
-    "--steps",
+    "--max_steps",
     "4",
     "--eval_every",
     "2",
@@ -38,6 +38,7 @@ def one_process(tmp_path_factory):
     return out, table
 
 
+@pytest.mark.distributed
 def test_two_jobs_give_the_numbers_of_one(one_process, tmp_path):
     out, table = one_process
     out2 = tmp_path / "two"
@@ -50,6 +51,7 @@ def test_two_jobs_give_the_numbers_of_one(one_process, tmp_path):
     assert accuracy(table2) == accuracy(table)
 
 
+@pytest.mark.distributed
 def test_the_worker_ran_its_share_and_logged_it(tmp_path):
     out = tmp_path / "two"
     train.main(TINY + ["--jobs", "2", "--output_dir", str(out)])
@@ -88,11 +90,12 @@ def test_a_shard_needs_the_sweep_it_joins(tmp_path):
         train.main(TINY + ["--shard", "1/2", "--output_dir", str(tmp_path / "none")])
 
 
+@pytest.mark.slow
 def test_a_failing_worker_fails_the_sweep_and_names_its_log(tmp_path):
-    # the worker's --shard 1/2 makes it join a sweep whose protocol (--steps) it does not match
+    # the worker's --shard 1/2 makes it join a sweep whose protocol (--max_steps) it does not match
     out = tmp_path / "dg"
-    train.main(TINY + ["--jobs", "1", "--output_dir", str(out)])  # a finished sweep with --steps 4
+    train.main(TINY + ["--jobs", "1", "--output_dir", str(out)])  # a finished sweep with --max_steps 4
     args = TINY + ["--output_dir", str(out), "--resume_from_checkpoint"]
-    workers = parallel.start_workers(args + ["--steps", "6"], 2, out)
+    workers = parallel.start_workers(args + ["--max_steps", "6"], 2, out)
     with pytest.raises(RuntimeError, match="shard1.log"):
         parallel.wait_for_workers(workers)

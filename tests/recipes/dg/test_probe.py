@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from recipes.dg import probe
 
@@ -23,9 +24,10 @@ def test_probe_scores_the_held_out_domain_with_features_of_the_training_domains(
     assert result["val_acc"] == 1.0 and result["test_acc"] < 0.3
 
 
+@pytest.mark.slow
 def test_probe_command_writes_one_cell_per_size_and_block_count(tiny_dinov2, tmp_path):
     cells = probe.main(["--backbone", str(tiny_dinov2), "--sizes", "14", "28", "--num_blocks", "1", "3",
-                        "--trial_seeds", "0", "--output", str(tmp_path)])  # fmt: skip
+                        "--seeds", "0", "--images_per_domain", "100", "--output", str(tmp_path)])  # fmt: skip
     assert [(c["image_size"], c["num_blocks"], c["grid"]) for c in cells] == [(14, 1, 2), (14, 3, 2), (28, 1, 4),
                                                                               (28, 3, 4)]  # fmt: skip
     saved = json.loads((tmp_path / "probe.json").read_text())
@@ -49,5 +51,24 @@ def test_probe_runs_a_vit_at_another_input_size(tmp_path):
     torch.manual_seed(0)
     ViTModel(config).save_pretrained(tmp_path / "vit")
     cells = probe.main(["--backbone", str(tmp_path / "vit"), "--sizes", "14", "--num_blocks", "1",
-                        "--trial_seeds", "0", "--output", str(tmp_path / "out")])  # fmt: skip
+                        "--seeds", "0", "--images_per_domain", "100", "--output", str(tmp_path / "out")])  # fmt: skip
     assert cells[0]["grid"] == 2 and cells[0]["summary"]["val"]["mean"] > 15
+
+
+def test_trial_seeds_is_a_deprecated_alias_of_seeds():
+    with pytest.warns(FutureWarning, match="--trial_seeds is deprecated .*use --seeds"):
+        args = probe.build_parser().parse_args(["--trial_seeds", "3", "--output", "out"])
+    assert args.seeds == [3]
+
+
+def test_images_per_domain_draws_a_fixed_subset_in_order():
+    import torch
+
+    from recipes.dg.data import TensorDomain
+
+    domain = TensorDomain(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 1, 1), torch.arange(10))
+    small = probe.subsample(domain, 4)
+    assert len(small) == 4 and small.labels.tolist() == sorted(small.labels.tolist())
+    assert torch.equal(small.images[:, 0, 0, 0].long(), small.labels)  # images stay with their labels
+    assert probe.subsample(domain, 4).labels.tolist() == small.labels.tolist()  # the same subset every time
+    assert probe.subsample(domain, None) is domain and probe.subsample(domain, 99) is domain

@@ -99,6 +99,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
     out = tmp_path / "sweep"
 
@@ -113,11 +114,11 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
             "full",
             "--router",
             "gcn",
-            "--steps",
+            "--max_steps",
             steps,
             "--eval_every",
             "2",
-            "--trial_seeds",
+            "--seeds",
             "0",
             "1",
             "--routing_images",
@@ -176,6 +177,7 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
         train.main(argv_for("6") + ["--resume_from_checkpoint"])
 
 
+@pytest.mark.slow
 def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     common = [
         "--method",
@@ -184,9 +186,9 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
         "gat",
         "--test_envs",
         "1",
-        "--trial_seeds",
+        "--seeds",
         "0",
-        "--steps",
+        "--max_steps",
         "60",
         "--eval_every",
         "5",
@@ -244,6 +246,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     assert got["test_acc"] == want["test_acc"]
 
 
+@pytest.mark.distributed
 def test_two_processes_count_every_sample_once(tiny, tmp_path):
     """DDP over 2 CPU processes (gloo): evaluation counts, and GNN-MoE with 64 experts and top-1 routing (most experts
     get no token in a micro-batch) trains without DDP's unused-parameter error."""
@@ -279,9 +282,9 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
             "1",
             "--test_envs",
             "0",
-            "--trial_seeds",
+            "--seeds",
             "0",
-            "--steps",
+            "--max_steps",
             "4",
             "--eval_every",
             "2",
@@ -310,10 +313,11 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
             assert rec["env2_out_n"] == 3
 
 
+@pytest.mark.slow
 def test_compare_pairs_runs_of_several_output_folders(tiny, tmp_path, one_thread):
     from recipes.dg import compare
 
-    common = ["--router", "gcn", "--steps", "2", "--eval_every", "2", "--trial_seeds", "0", "1"]
+    common = ["--router", "gcn", "--max_steps", "2", "--eval_every", "2", "--seeds", "0", "1"]
     common += ["--routing_images", "0", "--jobs", "1"]
     train.main(_args(tiny, tmp_path / "a", "--method", "gnnmoe", "lora", *common))
     train.main(_args(tiny, tmp_path / "b", "--method", "gnnmoe", "--graph", "radius", *common))

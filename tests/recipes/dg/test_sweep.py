@@ -2,7 +2,7 @@
 
 import pytest
 
-from recipes.dg.sweep import resume_point
+from recipes.dg.resume import resume_point
 
 
 def _checkpoint(run_dir, step):
