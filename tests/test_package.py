@@ -54,9 +54,9 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _internal_graph() -> dict[str, set[str]]:
-    """Edges ``module -> module`` between the modules of peft_gnnmoe."""
-    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+def _internal_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """Edges ``module -> module`` between the modules of ``package`` (default peft_gnnmoe)."""
+    modules = {_module_name(p): p for p in package.rglob("*.py")}
     graph = {name: set() for name in modules}
     for name, path in modules.items():
         for module, names in _imports(path):
@@ -103,6 +103,10 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_in_the_library():
     assert _cycles(_internal_graph()) == []
+
+
+def test_no_import_cycle_in_the_recipes():
+    assert _cycles(_internal_graph(ROOT / "recipes")) == []
 
 
 def _third_party_imports() -> dict[str, set[str]]:

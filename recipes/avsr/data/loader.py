@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import random
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .augment import Augmentation, BabbleBank
+from .augment import NOISE_TYPES, Augmentation, BabbleBank
 from .collate import AVSRCollator
 from .dataset import AVSRDataset, VideoTransform
 from .lrs3 import Utterance, check_files
@@ -73,9 +75,25 @@ class LengthBucketSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
+def _option(default, help: str, advanced: bool = False, **argparse_kwargs):
+    """A field that is also an option of the recipe's command line (see ``recipes.avsr.pipeline.config.fields``)."""
+    return field(default=default, metadata={"help": help, "advanced": advanced, **argparse_kwargs})
+
+
+def _snr_range(values) -> tuple[float, float] | None:
+    """``--train_snr_range``: ``LOW HIGH`` (dB) or ``off``."""
+    if values is None or list(values) == ["off"]:
+        return None
+    try:
+        low, high = (float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--train_snr_range takes LOW HIGH (dB) or 'off', got {' '.join(map(str, values))}") from None
+    return low, high
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
-    """How a run reads its utterances (resolved from the command line once, see ``recipes.avsr.config``).
+    """How a run reads its utterances (resolved from the command line once, see ``recipes.avsr.pipeline.config``).
 
     Args:
         crop_size: centre crop of the mouth frames (a random crop for training sets when ``random_crop``).
@@ -97,19 +115,75 @@ class LoaderConfig:
         time_mask: Llama-AVSR's time masking of the training audio and video (off by default).
     """
 
-    crop_size: int | None = 88
-    mouth_box: tuple[int, int, int, int] | None = None
-    random_crop: bool = False
-    preload: bool = False
-    max_frames: int | None = None
-    reference_budget: bool = False
-    max_batch_size: int = 16
-    eval_batch_size: int = 16
-    num_workers: int = 0
-    test_snr_db: float | None = None
-    test_noise: str = "white"
-    train_snr_range: tuple[float, float] | None = None
-    time_mask: bool = False
+    crop_size: int | None = _option(
+        88, "centre crop of the mouth frames (88 for LRS3; the embedded preset: 44)", type=int
+    )
+    mouth_box: tuple[int, int, int, int] | None = _option(
+        None,
+        "fixed mouth region cut from raw LRS3 face videos before cropping",
+        advanced=True,
+        type=int,
+        nargs=4,
+        metavar=("TOP", "LEFT", "H", "W"),
+    )
+    random_crop: bool | None = _option(
+        None,
+        "random crop of the training frames (default: on for LRS3, off for the embedded corpus)",
+        advanced=True,
+        action=argparse.BooleanOptionalAction,
+    )
+    preload: bool = _option(
+        False, "decode every file once into memory (the embedded preset: on)", advanced=True,
+        action=argparse.BooleanOptionalAction,
+    )  # fmt: skip
+    max_frames: int | None = _option(
+        None,
+        "frame budget of a training batch (video frames at 25 fps; default: Llama-AVSR's 1000 for asr/avsr, 1500 "
+        "for vsr on LRS3; none for the embedded corpus)",
+        type=int,
+    )
+    reference_budget: bool = False  # resolved from the data source (LRS3: on), not an option
+    max_batch_size: int = _option(16, "utterances per training batch at most")
+    eval_batch_size: int = _option(16, "utterances per test batch at most", advanced=True)
+    num_workers: int = _option(0, "DataLoader worker processes", advanced=True)
+    test_snr_db: float | None = _option(
+        None, "noise at this SNR (dB) on the test audio", flag="--decode_snr_target", type=float
+    )
+    test_noise: str = _option(
+        "white",
+        "the noise of --decode_snr_target and --test_snrs: white, or babble (4 training utterances summed); the real "
+        "preset: babble when the test set is decoded with noise",
+        flag="--decode_noise",
+        choices=NOISE_TYPES,
+    )
+    train_snr_range: tuple[float, float] | None = _option(
+        None,
+        "babble noise on the training audio at an SNR (dB) drawn per utterance and epoch (Llama-AVSR: -5 20; the "
+        "real preset: -5 20; 'off' turns it off)",
+        nargs="+",
+        metavar="LOW HIGH | off",
+        type=str,
+    )
+    time_mask: bool = _option(
+        False,
+        "Llama-AVSR's time masking in training: up to 0.4 s of audio per second, up to 10 of every 25 frames",
+        advanced=True,
+    )
+
+    def __post_init__(self):
+        snr_range = _snr_range(self.train_snr_range)
+        object.__setattr__(self, "train_snr_range", snr_range)
+        if self.mouth_box is not None:
+            object.__setattr__(self, "mouth_box", tuple(self.mouth_box))
+        if snr_range and not all(math.isfinite(v) for v in snr_range):
+            raise ValueError("SNRs must be finite numbers of dB (--test_snrs, --train_snr_range)")
+        if snr_range and snr_range[0] > snr_range[1]:
+            raise ValueError(f"--train_snr_range LOW HIGH needs LOW <= HIGH, got {snr_range}")
+
+    @property
+    def augmenting(self) -> bool:
+        """Whether training inputs change every epoch (noise or masking): encoder outputs cannot be cached."""
+        return bool(self.train_snr_range) or self.time_mask
 
     def frame_budget(self, modality: str) -> int | None:
         """The frame budget of a training batch for ``modality`` (None: no budget but ``max_batch_size``)."""

@@ -108,7 +108,12 @@ def cut_or_pad(wave: np.ndarray, n: int) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> None:
-    """Encode grayscale ``uint8 [T, H, W]`` frames as H.264 mp4 with PyAV."""
+    """Encode grayscale ``uint8 [T, H, W]`` frames as H.264 mp4 with PyAV, on one thread.
+
+    One thread, because libx264 otherwise picks its thread count from the CPUs this process may use, and the
+    bitstream depends on it: 160 px frames were cut into one slice per CPU, so the same frames decoded to other
+    pixels under another CPU count. The corpus's 48 px frames (and 96 px ones) got one thread anyway: same bytes.
+    """
     import av
 
     with av.open(str(path), "w") as container:
@@ -116,6 +121,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> N
         stream.height, stream.width = frames.shape[1:]
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.codec_context.thread_count = 1
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="gray")):
                 container.mux(packet)

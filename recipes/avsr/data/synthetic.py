@@ -10,8 +10,6 @@ that training never hears. It is written in the auto_avsr layout and read back t
 from __future__ import annotations
 
 import csv
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .espeak import EspeakNG
 from .media import AUDIO_RATE, SAMPLES_PER_FRAME, VIDEO_FPS, cut_or_pad, write_video, write_wav
 from .sentences import vocabulary_stats
 
@@ -107,77 +106,6 @@ def phoneme_visemes(phoneme: str) -> list[str]:
     first = _VOWEL_START.get(p[0], "mid")
     second = next((_VOWEL_START[c] for c in p[1:] if c in _VOWEL_START and c not in "@"), None)
     return [first, second] if second and second != first else [first]
-
-
-class EspeakNG:
-    """espeak-ng through its C library (``libespeak-ng``, Debian package ``espeak-ng``): audio plus phoneme timings.
-
-    The command line offers phoneme timings only with MBROLA voices; the library reports a phoneme event with its
-    audio position for every phoneme of any voice.
-    """
-
-    _EVENT_PHONEME = 7  # espeak_EVENT_TYPE: espeakEVENT_PHONEME
-
-    class _Event(ctypes.Structure):
-        class _Id(ctypes.Union):
-            _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
-
-        _fields_ = [
-            ("type", ctypes.c_int),
-            ("unique_identifier", ctypes.c_uint),
-            ("text_position", ctypes.c_int),
-            ("length", ctypes.c_int),
-            ("audio_position", ctypes.c_int),
-            ("sample", ctypes.c_int),
-            ("user_data", ctypes.c_void_p),
-            ("id", _Id),
-        ]
-
-    def __init__(self):
-        name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
-        try:
-            self._lib = ctypes.CDLL(name)
-        except OSError as err:
-            raise RuntimeError(
-                "the embedded corpus needs espeak-ng's library: `apt-get install espeak-ng` (scripts/setup.sh does it)"
-            ) from err
-        # AUDIO_OUTPUT_SYNCHRONOUS=2; options: PHONEME_EVENTS | DONT_EXIT
-        self.sample_rate = self._lib.espeak_Initialize(2, 500, None, 0x0001 | 0x8000)
-        if self.sample_rate <= 0:
-            raise RuntimeError("espeak_Initialize failed: is espeak-ng-data installed?")
-        callback_type = ctypes.CFUNCTYPE(
-            ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.POINTER(self._Event)
-        )
-        self._callback = callback_type(self._on_audio)  # keep a reference: the library calls it later
-        self._lib.espeak_SetSynthCallback(self._callback)
-        self._chunks: list[np.ndarray] = []
-        self._phonemes: list[tuple[float, str]] = []
-
-    def _on_audio(self, wav, n, events) -> int:
-        if n > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, (n,)).copy())
-        i = 0
-        while events[i].type != 0:
-            if events[i].type == self._EVENT_PHONEME:
-                self._phonemes.append(
-                    (events[i].audio_position / 1000.0, events[i].id.string.decode(errors="replace"))
-                )
-            i += 1
-        return 0
-
-    def synthesize(self, text: str, voice: str, rate: int, pitch: int) -> tuple[np.ndarray, list[tuple[float, str]]]:
-        """Speak ``text``; returns float32 samples at :attr:`sample_rate` and ``(start_seconds, phoneme)`` pairs."""
-        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise RuntimeError(f"espeak-ng has no voice {voice!r} (see `espeak-ng --voices=en`)")
-        self._lib.espeak_SetParameter(1, int(rate), 0)  # espeakRATE
-        self._lib.espeak_SetParameter(3, int(pitch), 0)  # espeakPITCH
-        self._chunks, self._phonemes = [], []
-        data = text.encode() + b"\0"
-        # position 0, POS_CHARACTER=1, end 0, flags espeakCHARS_UTF8=1
-        self._lib.espeak_Synth(data, len(data), 0, 1, 0, 1, None, None)
-        self._lib.espeak_Synchronize()
-        wave = np.concatenate(self._chunks).astype(np.float32) / 32768.0 if self._chunks else np.zeros(0, np.float32)
-        return wave, list(self._phonemes)
 
 
 def mouth_trajectory(phonemes: list[tuple[float, str]], n_frames: int) -> np.ndarray:
@@ -309,8 +237,6 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
     be new). Every speaker appears in both splits, or, with ``held_out_speakers``, the test split has its own
     (:data:`HELD_OUT_SPEAKERS`). Labels: ``root/labels/synth_{train,test}.csv``.
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or SyntheticCorpusConfig()
     root = Path(root)
     pool = _open_sentences(cfg.vocab_size) if cfg.text == "open" else None
@@ -320,8 +246,26 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
         return root
     ordered = _choose_sentences(cfg, pool)
     splits = {"test": ordered[: cfg.n_test], "train": ordered[cfg.n_test :]}
-    tts = EspeakNG()
     (root / "labels").mkdir(parents=True, exist_ok=True)
+    with EspeakNG() as tts:
+        _write_splits(root, splits, tts, cfg)
+    stamp.write_text(
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "config": asdict(cfg),
+                "words": vocabulary_stats(splits["train"], splits["test"]),
+            },
+            indent=1,
+        )
+    )
+    return root
+
+
+def _write_splits(root: Path, splits: dict[str, list[str]], tts: EspeakNG, cfg: SyntheticCorpusConfig) -> None:
+    """The utterances' wav + mp4 files and the label files, in a fixed order (every draw follows it)."""
+    from tqdm.auto import tqdm
+
     np_rng = np.random.default_rng(cfg.seed)
     for split, texts in splits.items():
         rows = []
@@ -338,17 +282,6 @@ def build_synthetic_corpus(root: str | Path, cfg: SyntheticCorpusConfig | None =
             rows.append(["synth", rel.as_posix(), len(frames), "", text])
         with open(root / "labels" / f"synth_{split}.csv", "w", encoding="utf-8", newline="") as f:
             csv.writer(f).writerows(rows)
-    stamp.write_text(
-        json.dumps(
-            {
-                "fingerprint": fingerprint,
-                "config": asdict(cfg),
-                "words": vocabulary_stats(splits["train"], splits["test"]),
-            },
-            indent=1,
-        )
-    )
-    return root
 
 
 def _open_sentences(vocab_size: int | None = None) -> list[str]:

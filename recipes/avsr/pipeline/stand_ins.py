@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .data.loader import LoaderConfig, make_loader
-from .data.lrs3 import Utterance
-from .data.synthetic import GRAMMAR
+from ..data.loader import LoaderConfig, make_loader
+from ..data.lrs3 import Utterance
+from ..data.synthetic import GRAMMAR
 from .lip_encoder import LipEncoderConfig, LipEncoderModel
-from .model import MODALITY_TOKENS, PROMPTS
+from .sequences import MODALITY_TOKENS, PROMPTS
 
 STAND_INS = ("llm", "audio_encoder", "video_encoder")
 
@@ -173,13 +173,15 @@ def pretrain_encoders_ctc(
     encoders.train()
     losses: dict[str, list[float]] = {"audio": [], "video": []}
     bar = tqdm(total=steps, desc="encoder pretraining (CTC)", leave=False)
-    epoch = 0
-    while bar.n < steps:
+    # the steps are counted here, not by the bar: a disabled bar (TQDM_DISABLE=1) counts nothing, and training ran
+    # on past its schedule
+    step, epoch = 0, 0
+    while step < steps:
         loader.batch_sampler.set_epoch(epoch)
         epoch += 1
         usable, skipped = 0, {}
         for batch in loader:
-            if bar.n >= steps:
+            if step >= steps:
                 break
             skipped.update(batch["skipped"])
             if not batch["uids"]:
@@ -204,8 +206,9 @@ def pretrain_encoders_ctc(
             optimizer.step()
             schedule.step()
             optimizer.zero_grad()
+            step += 1
             bar.update(1)
-        if not usable and bar.n < steps:  # every epoch would be the same: stop instead of spinning
+        if not usable and step < steps:  # every epoch would be the same: stop instead of spinning
             raise RuntimeError(
                 f"encoder pretraining: no training file could be read ({len(skipped)} skipped, e.g. "
                 f"{list(skipped.values())[:3]})"

@@ -7,13 +7,13 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from recipes.avsr.alignment import EmbeddingCTCHead, ctc_frames_needed
-from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.data.collate import AVSRCollator
 from recipes.avsr.data.synthetic import GRAMMAR
-from recipes.avsr.model import AVSRModel
-from recipes.avsr.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
-from recipes.avsr.weights import RUN_FILE, read_run
+from recipes.avsr.pipeline.alignment import EmbeddingCTCHead, ctc_frames_needed
+from recipes.avsr.pipeline.config.cli import parse_config
+from recipes.avsr.pipeline.model import AVSRModel
+from recipes.avsr.pipeline.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
+from recipes.avsr.pipeline.weights import RUN_FILE, read_run
 
 WORDS = [w for ws in GRAMMAR.values() for w in ws]
 BLANK = -1  # in a spelling below: the head's blank vector
@@ -92,7 +92,7 @@ def test_the_greedy_reading_merges_repeats_and_drops_blanks_within_the_length():
 
 
 def test_runs_with_and_without_the_ctc_loss_do_not_merge(tmp_path):
-    from recipes.avsr.merge_seeds import merge
+    from recipes.avsr.experiments.merge_seeds import merge
 
     def run(name: str, seed: int, **extra) -> Path:
         result = {"seed": seed, "modality": "asr", "audio_rate": 4, "llm": "smollm2", "training": {"steps": 300}}
@@ -163,6 +163,7 @@ def test_the_model_adds_the_weighted_ctc_loss_in_training_only(parts):
     assert torch.allclose(evaluated.loss, off.loss, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_the_projector_on_the_ctc_loss_lowers_it(parts):
     tokenizer, audio_encoder, extractor = parts
     batch = _batch(extractor, tokenizer)
@@ -183,29 +184,30 @@ def test_ctc_weight_needs_audio_and_a_sane_value(parts):
     with pytest.raises(ValueError, match="finite"):
         _model(tokenizer, audio_encoder, float("nan"))
     with pytest.raises(ValueError, match=">= 0"):
-        resolve_config(parse_args(["--ctc_weight", "-1"]))
+        parse_config(["--ctc_weight", "-1"])
     with pytest.raises(ValueError, match="drop vsr"):
-        resolve_config(parse_args(["--ctc_weight", "1", "--modality", "asr", "vsr"]))
-    config = resolve_config(parse_args(["--ctc_weight", "0.3", "--modality", "asr", "avsr"]))
+        parse_config(["--ctc_weight", "1", "--modality", "asr", "vsr"])
+    config = parse_config(["--ctc_weight", "0.3", "--modality", "asr", "avsr"])
     assert config.model.ctc_weight == 0.3
-    assert resolve_config(parse_args([])).model.ctc_weight == 0.0
+    assert parse_config([]).model.ctc_weight == 0.0
 
 
 def test_a_run_saved_before_the_option_reads_back_without_it(tmp_path):
-    config = resolve_config(parse_args([])).model
+    config = parse_config([]).model
     saved = {k: v for k, v in json.loads(json.dumps(config.__dict__)).items() if k != "ctc_weight"}
     (tmp_path / RUN_FILE).write_text(json.dumps({"modality": "asr", "model": saved}))
     assert read_run(tmp_path)[1].ctc_weight == 0.0
 
 
+@pytest.mark.slow
 def test_a_recipe_run_with_the_ctc_loss_logs_it_resumes_exactly_and_decodes_again_from_final(tmp_path):
     from safetensors.torch import load_file
 
-    from recipes.avsr.train import main
+    from recipes.avsr.pipeline.main import main
     from tests.recipes.avsr.test_recipe import SMALL
 
     out = tmp_path / "run"
-    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "4", "--save_every", "2",
+    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "4", "--checkpointing_steps", "2",
                       "--no-eval_untrained", "--ctc_weight", "0.5"]  # fmt: skip
     trained = main(common)["asr"]
     log = json.loads((out / "asr" / "train_log.json").read_text())
@@ -217,7 +219,9 @@ def test_a_recipe_run_with_the_ctc_loss_logs_it_resumes_exactly_and_decodes_agai
     final = out / "asr" / "final"
     weights = load_file(final / "projectors.safetensors")
 
-    main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2")])  # the blank is restored with the rest
+    main(
+        common + ["--resume_from_checkpoint", str(out / "asr" / "checkpoints" / "step_2")]
+    )  # the blank is restored with the rest
     resumed = load_file(final / "projectors.safetensors")
     assert all(torch.allclose(weights[k], resumed[k], atol=1e-6) for k in weights)
     again = json.loads((out / "asr" / "train_log.json").read_text())

@@ -9,23 +9,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recipes.avsr.averaging import average_checkpoints
-from recipes.avsr.config import parse_args, resolve_config
-from recipes.avsr.controls import (
-    chance_baseline,
-    derangement,
-    differences_table,
-    modality_differences,
-    seed_summary,
-    seed_table,
-    write_seed_report,
-)
 from recipes.avsr.data.augment import Augmentation, BabbleBank, mix_at_snr, snr_db, time_mask
 from recipes.avsr.data.collate import AVSRCollator
 from recipes.avsr.data.dataset import AVSRDataset
 from recipes.avsr.data.loader import LoaderConfig, make_loader
 from recipes.avsr.data.lrs3 import Utterance
 from recipes.avsr.data.media import load_audio, write_wav
+from recipes.avsr.pipeline.averaging import average_checkpoints
+from recipes.avsr.pipeline.config.cli import parse_config
+from recipes.avsr.pipeline.controls import chance_baseline, derangement
+from recipes.avsr.reports.seed_report import (
+    differences_table,
+    modality_differences,
+    seed_summary,
+    seed_table,
+    write_seed_report,
+)
 
 
 def test_chance_baseline_is_the_wer_of_constant_training_transcripts():
@@ -126,9 +125,9 @@ def test_a_swap_replaces_one_stream_and_names_its_donor(wav_utterances):
 def test_the_feature_cache_serves_a_swapped_stream_by_its_donor():
     from peft import LoraConfig, get_peft_model
 
-    from recipes.avsr.lip_encoder import LipEncoderConfig, LipEncoderModel
-    from recipes.avsr.model import AVSRModel
-    from recipes.avsr.stand_ins import build_word_tokenizer, tiny_llm
+    from recipes.avsr.pipeline.lip_encoder import LipEncoderConfig, LipEncoderModel
+    from recipes.avsr.pipeline.model import AVSRModel
+    from recipes.avsr.pipeline.stand_ins import build_word_tokenizer, tiny_llm
 
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(["a", "b"])
@@ -174,9 +173,7 @@ def test_babble_at_decode_time_has_the_asked_snr_and_is_fixed(wav_utterances, ta
     noisy = loader.dataset[0]["audio"]
     assert abs(snr_db(clean, noisy.astype(np.float64) - clean) - target) < 0.1
     assert np.array_equal(loader.dataset[0]["audio"], noisy)  # the same babble at every decode
-    assert resolve_config(parse_args(["--decode_snr_target", "5", "--decode_noise", "babble"])).loader.test_noise == (
-        "babble"
-    )
+    assert parse_config(["--decode_snr_target", "5", "--decode_noise", "babble"]).loader.test_noise == ("babble")
 
 
 def test_babble_is_several_other_utterances(wav_utterances):
@@ -207,7 +204,7 @@ def test_training_babble_draws_an_snr_per_utterance_and_epoch(wav_utterances):
 
 
 def test_augmentation_is_off_by_default(wav_utterances):
-    config = resolve_config(parse_args([]))
+    config = parse_config([])
     assert config.loader.train_snr_range is None
     assert config.loader.time_mask is False
     loader = make_loader(LoaderConfig(), wav_utterances[:1], "asr", _extractor(), train=True)
@@ -217,8 +214,8 @@ def test_augmentation_is_off_by_default(wav_utterances):
 
 def test_augmentation_refuses_the_feature_cache():
     with pytest.raises(ValueError, match="--no-cache_features"):
-        resolve_config(parse_args(["--time_mask", "--cache_features"]))
-    assert resolve_config(parse_args(["--train_snr_range", "-5", "20"])).model.cache_features is False
+        parse_config(["--time_mask", "--cache_features"])
+    assert parse_config(["--train_snr_range", "-5", "20"]).model.cache_features is False
 
 
 def test_time_mask_zeroes_spans_of_at_most_the_window():
@@ -267,8 +264,11 @@ def test_babble_options_leave_a_video_only_run_alone(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--average_last", "3"], "--save_every"),
-        (["--average_last", "3", "--save_every", "5", "--checkpoints_total_limit", "2"], "checkpoints_total_limit"),
+        (["--average_last", "3"], "--checkpointing_steps"),
+        (
+            ["--average_last", "3", "--checkpointing_steps", "5", "--checkpoints_total_limit", "2"],
+            "checkpoints_total_limit",
+        ),
         (["--decode_noise", "babble"], "--decode_snr_target"),
         (["--decode_noise", "babble", "--test_snrs"], "--decode_snr_target <dB> or --test_snrs"),
         (["--train_snr_range", "5", "--no-cache_features"], "LOW HIGH"),
@@ -276,22 +276,25 @@ def test_babble_options_leave_a_video_only_run_alone(tmp_path):
         (["--test_snrs", "nan"], "finite"),
         (["--seeds", "0", "1", "--eval_only", "--resume_from", "x"], "--seeds"),
         (["--seeds", "0", "0"], "repeated"),
-        (["--seeds", "0", "1", "--modality", "asr", "--resume", "ckpt"], "--resume latest"),
+        (
+            ["--seeds", "0", "1", "--modality", "asr", "--resume_from_checkpoint", "ckpt"],
+            "--resume_from_checkpoint latest",
+        ),
         (["--train_snr_range", "20", "-5", "--no-cache_features"], "LOW <= HIGH"),
     ],
 )
 def test_control_options_that_cannot_work_are_refused_early(argv, message):
     with pytest.raises(ValueError, match=message):
-        resolve_config(parse_args(argv))
+        parse_config(argv)
 
 
 def test_seeds_and_swaps_are_off_by_default():
-    config = resolve_config(parse_args([]))
+    config = parse_config([])
     assert config.seeds is None
-    assert config.swap_controls is False
+    assert config.eval.swap_controls is False
     assert config.train.average_last == 0
     assert config.train.val_utts == 0
-    assert resolve_config(parse_args(["--seeds", "0", "1", "2"])).seeds == (0, 1, 2)
+    assert parse_config(["--seeds", "0", "1", "2"]).seeds == (0, 1, 2)
 
 
 def test_time_masking_blacks_out_whole_training_frames(tmp_path):

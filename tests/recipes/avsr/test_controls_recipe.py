@@ -3,10 +3,11 @@
 import json
 import statistics
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.avsr.train import main
+from recipes.avsr.pipeline.main import main
 
 SMALL = [
     "--corpus_train", "24", "--corpus_test", "4", "--encoder_pretrain_steps", "3", "--text_pretrain_steps", "3",
@@ -14,6 +15,7 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_seeds_report_mean_and_std_with_chance_and_swaps_and_eval_only_reproduces_them(tmp_path):
     out = tmp_path / "run"
     args = SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "2", "--no-eval_untrained"]
@@ -56,11 +58,23 @@ def _lora_key(trainable_key: str) -> str:
     return trainable_key.removeprefix("llm.").replace(".default.", ".")
 
 
+@pytest.mark.slow
 def test_average_last_writes_the_mean_of_the_checkpoints_and_validation_is_logged_per_epoch(tmp_path):
     out = tmp_path / "run"
     main(
         SMALL
-        + ["--output_dir", str(out), "--modality", "asr", "--epochs", "2", "--save_every", "1", "--average_last", "2"]
+        + [
+            "--output_dir",
+            str(out),
+            "--modality",
+            "asr",
+            "--epochs",
+            "2",
+            "--checkpointing_steps",
+            "1",
+            "--average_last",
+            "2",
+        ]
         + ["--val_utts", "4", "--no-eval_untrained", "--no-cache_features", "--train_snr_range", "-5", "20"]
         + ["--time_mask", "--decode_snr_target", "0", "--decode_noise", "babble"]
     )

@@ -7,6 +7,7 @@ import pytest
 
 from recipes.avsr.data.collate import AVSRCollator, audio_frames, matching_video_rate
 from recipes.avsr.data.dataset import AVSRDataset, VideoTransform
+from recipes.avsr.data.espeak import EspeakNG
 from recipes.avsr.data.loader import LengthBucketSampler
 from recipes.avsr.data.lrs3 import (
     Utterance,
@@ -30,14 +31,13 @@ from recipes.avsr.data.media import (
 )
 from recipes.avsr.data.synthetic import (
     SPEAKERS,
-    EspeakNG,
     SyntheticCorpusConfig,
     build_synthetic_corpus,
     mouth_trajectory,
     phoneme_visemes,
     render_mouth,
 )
-from recipes.avsr.stand_ins import build_word_tokenizer
+from recipes.avsr.pipeline.stand_ins import build_word_tokenizer
 
 
 def _frames(n: int, size: int = 48, seed: int = 0) -> np.ndarray:
@@ -367,7 +367,7 @@ def test_a_video_without_an_audio_track_names_the_problem(tmp_path):
 def test_the_corpus_figure_is_made_by_a_command(tmp_path):
     from PIL import Image
 
-    from recipes.avsr.figures import main as figures
+    from recipes.avsr.reports.figures import main as figures
 
     out = tmp_path / "corpus.png"
     figures(["--corpus", str(tmp_path / "corpus"), "--out", str(out), "--corpus_train", "2", "--corpus_test", "2"])
@@ -377,11 +377,11 @@ def test_the_corpus_figure_is_made_by_a_command(tmp_path):
 
 
 def test_decode_snr_target_adds_fixed_noise_to_the_test_audio_only(tmp_path):
-    from recipes.avsr.config import parse_args, resolve_config
     from recipes.avsr.data.loader import LoaderConfig, make_loader
     from recipes.avsr.data.lrs3 import Utterance
+    from recipes.avsr.pipeline.config.cli import parse_config
 
-    assert resolve_config(parse_args(["--decode_snr_target", "5"])).loader.test_snr_db == 5.0
+    assert parse_config(["--decode_snr_target", "5"]).loader.test_snr_db == 5.0
     write_wav(tmp_path / "a.wav", _tone(50))
     utts = [Utterance("a", None, str(tmp_path / "a.wav"), "x", 50)]
     clean = next(iter(make_loader(LoaderConfig(), utts, "asr", _extractor(), train=False)))

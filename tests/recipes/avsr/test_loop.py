@@ -6,14 +6,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from recipes.avsr.config import TrainConfig
 from recipes.avsr.data.loader import LengthBucketSampler, LoaderConfig, make_loader
 from recipes.avsr.data.lrs3 import Utterance
 from recipes.avsr.data.synthetic import GRAMMAR
-from recipes.avsr.lip_encoder import LipEncoderConfig, LipEncoderModel
-from recipes.avsr.loop import make_accelerator, set_epoch, total_steps, train
-from recipes.avsr.model import AVSRModel
-from recipes.avsr.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
+from recipes.avsr.pipeline.config.train import TrainConfig
+from recipes.avsr.pipeline.lip_encoder import LipEncoderConfig, LipEncoderModel
+from recipes.avsr.pipeline.model import AVSRModel
+from recipes.avsr.pipeline.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
+from recipes.avsr.pipeline.training import make_accelerator, set_epoch, total_steps, train
 
 WORDS = [w for ws in GRAMMAR.values() for w in ws]
 
@@ -68,7 +68,7 @@ def bf16_accelerator():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
-    yield make_accelerator(mixed_precision="bf16")
+    yield make_accelerator(TrainConfig(mixed_precision="bf16"))
     AcceleratorState._reset_state(True)
 
 
@@ -87,7 +87,7 @@ def test_loss_parts_survive_bf16_mixed_precision(bf16_accelerator):
 
 
 def test_encoder_pretraining_on_undecodable_files_stops_with_an_error(tmp_path):
-    from recipes.avsr.stand_ins import pretrain_encoders_ctc, tiny_video_encoder
+    from recipes.avsr.pipeline.stand_ins import pretrain_encoders_ctc, tiny_video_encoder
 
     utts = []
     for i in range(3):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from recipes.avsr.loss_plot import ce_per_step, main, running_mean
+from recipes.avsr.reports.loss_plot import ce_per_step, main, running_mean
 
 
 def _log(path, rows):

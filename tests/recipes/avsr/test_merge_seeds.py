@@ -1,12 +1,13 @@
-"""``python -m recipes.avsr.merge_seeds``: one mean ± std report from training runs made in separate processes."""
+"""``python -m recipes.avsr.experiments.merge_seeds``: one mean ± std report from training runs of separate
+processes."""
 
 import json
 import statistics
 
 import pytest
 
-from recipes.avsr.merge_seeds import main as merge_main
-from recipes.avsr.train import main
+from recipes.avsr.experiments.merge_seeds import main as merge_main
+from recipes.avsr.pipeline.main import main
 
 from .test_recipe import SMALL
 
@@ -28,6 +29,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_plain_run_and_a_seeds_run_make_one_report(runs, tmp_path):
     table = merge_main([str(runs / "plain"), str(runs / "seeds"), "--output", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -44,12 +46,14 @@ def test_a_plain_run_and_a_seeds_run_make_one_report(runs, tmp_path):
     assert (tmp_path / "wer_by_snr.png").stat().st_size > 0  # the runs decoded a noisy test set too
 
 
+@pytest.mark.slow
 def test_a_seed_in_two_runs_is_refused(runs, tmp_path):
     with pytest.raises(ValueError, match="seed 0, asr is in both"):
         merge_main([str(runs / "plain"), str(runs / "plain"), "--output", str(tmp_path / "merged")])
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.slow
 def test_other_settings_or_another_corpus_are_refused(runs, tmp_path):
     _run(tmp_path / "longer", "--seeds", "3", models_from=runs / "plain", steps=2)
     with pytest.raises(ValueError, match=r"asr was run with other settings .*'steps': \(1, 2\)"):

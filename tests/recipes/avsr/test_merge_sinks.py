@@ -1,13 +1,13 @@
-"""``python -m recipes.avsr.merge_sinks``: one report from sink-experiment runs made one seed per process."""
+"""``python -m recipes.avsr.experiments.merge_sinks``: one report from sink-experiment runs of one seed each."""
 
 import json
 
 import pytest
 
-from recipes.avsr.config import parse_args, resolve_config
-from recipes.avsr.merge_sinks import main as merge_main
-from recipes.avsr.sinks import refuse_dropping_other_seeds
-from recipes.avsr.train import main
+from recipes.avsr.experiments.merge_sinks import main as merge_main
+from recipes.avsr.experiments.options import parse_experiment
+from recipes.avsr.experiments.sinks import ENTRY, refuse_dropping_other_seeds
+from recipes.avsr.experiments.sinks import main as sinks
 
 from .test_recipe import SMALL
 
@@ -17,7 +17,7 @@ def _sink_run(out, seed: int, steps: int = 1, models_from=None) -> None:
     models = []
     if models_from is not None:
         models = [f"--{m}={models_from / 'base_models' / m}" for m in ("llm", "audio_encoder")]
-    main(SMALL + models + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr",
+    sinks(SMALL + models + ["--output_dir", str(out), "--modality", "asr",
                            "--sink_rates", "2", "4", "--decor_weight", "0.5", "--max_steps", str(steps),
                            "--no-eval_untrained", "--seeds", str(seed)])  # fmt: skip
 
@@ -30,6 +30,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_merging_runs_of_one_seed_each_reports_every_seed(runs, tmp_path):
     table = merge_main([str(runs / "seed0"), str(runs / "seed1" / "sinks"), "--output", str(tmp_path)])
     rows = json.loads((tmp_path / "sinks.json").read_text())
@@ -43,17 +44,20 @@ def test_merging_runs_of_one_seed_each_reports_every_seed(runs, tmp_path):
     assert " ± " in table and (tmp_path / "plots" / "summary.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_merging_one_run_reproduces_its_own_report(runs, tmp_path):
     merge_main([str(runs / "seed0"), "--output", str(tmp_path)])
     assert (tmp_path / "sinks.md").read_text() == (runs / "seed0" / "sinks" / "sinks.md").read_text()
     assert (tmp_path / "summary.json").read_text() == (runs / "seed0" / "sinks" / "summary.json").read_text()
 
 
+@pytest.mark.slow
 def test_a_seed_in_two_runs_is_refused(runs, tmp_path):
     with pytest.raises(ValueError, match="seed 0, asr_rate2_before is in both"):
         merge_main([str(runs / "seed0"), str(runs / "seed0"), "--output", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_runs_with_other_settings_are_refused(runs, tmp_path):
     _sink_run(tmp_path / "longer", 2, steps=2, models_from=runs / "seed0")
     with pytest.raises(ValueError, match=r"asr_rate2_decor0 was run with other settings .*'steps': \(1, 2\)"):
@@ -67,6 +71,7 @@ def test_a_folder_without_a_sink_run_is_named(tmp_path):
         merge_main([str(tmp_path / "empty"), "--output", str(tmp_path / "merged")])
 
 
+@pytest.mark.slow
 def test_a_second_seed_into_the_same_folder_is_refused_before_training(runs):
     report = runs / "seed0" / "sinks" / "sinks.json"
     before = report.read_text()
@@ -74,5 +79,5 @@ def test_a_second_seed_into_the_same_folder_is_refused_before_training(runs):
         _sink_run(runs / "seed0", 1, models_from=runs / "seed0")
     assert report.read_text() == before  # seed 0's rows are kept
     assert not (runs / "seed0" / "sinks" / "seed_1").exists()  # refused before any training
-    again = resolve_config(parse_args(SMALL + ["--output_dir", str(runs / "seed0"), "--experiment", "sinks"]))
+    again = parse_experiment(SMALL + ["--output_dir", str(runs / "seed0")], ENTRY)[0]
     refuse_dropping_other_seeds(again)  # the same seed again: its own rows, replaced by the new run's

@@ -8,15 +8,17 @@ from peft import LoraConfig, get_peft_model
 
 from recipes.avsr.data.collate import AVSRCollator
 from recipes.avsr.data.synthetic import GRAMMAR
-from recipes.avsr.lip_encoder import (
+from recipes.avsr.pipeline.lip_encoder import (
     FrameWiseImageEncoder,
     LipEncoderConfig,
     LipEncoderModel,
     load_video_encoder,
     video_hidden_size,
 )
-from recipes.avsr.model import PROMPTS, SEG, AVSRModel, ModalityProjector
-from recipes.avsr.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
+from recipes.avsr.pipeline.model import AVSRModel
+from recipes.avsr.pipeline.projector import ModalityProjector
+from recipes.avsr.pipeline.sequences import PROMPTS, SEG
+from recipes.avsr.pipeline.stand_ins import build_word_tokenizer, tiny_audio_encoder, tiny_llm
 
 WORDS = [w for ws in GRAMMAR.values() for w in ws]
 
@@ -266,7 +268,8 @@ def test_batches_reach_the_encoders_on_the_models_device(parts, modality):
     training/evaluation (forward) and decoding (the recipe's decode) must move the batch to the model."""
     import copy
 
-    from recipes.avsr.loop import decode, make_accelerator
+    from recipes.avsr.pipeline.evaluation import decode
+    from recipes.avsr.pipeline.training import make_accelerator
 
     tokenizer, audio_encoder, extractor, video_encoder = parts
     encoders = {"audio_encoder": copy.deepcopy(audio_encoder)} if modality == "asr" else {}
@@ -308,7 +311,7 @@ def test_a_vit_of_fixed_input_size_encodes_mouth_crops_of_another_size(tmp_path)
 
 
 def test_a_ctranslate2_folder_as_audio_encoder_is_named_with_the_fix(tmp_path):
-    from recipes.avsr.model import load_audio_encoder
+    from recipes.avsr.pipeline.audio_encoder import load_audio_encoder
 
     ct2 = tmp_path / "faster-whisper-tiny"
     ct2.mkdir()
@@ -321,7 +324,7 @@ def test_a_ctranslate2_folder_as_audio_encoder_is_named_with_the_fix(tmp_path):
 
 
 def test_the_whisper_tiny_en_preset_is_an_audio_encoder():
-    from recipes.avsr.model import load_audio_encoder
+    from recipes.avsr.pipeline.audio_encoder import load_audio_encoder
 
     encoder, extractor = load_audio_encoder("whisper-tiny.en")
     assert encoder.config.d_model == 384

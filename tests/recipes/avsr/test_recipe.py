@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.avsr import sink_stats
 from recipes.avsr.data.lrs3 import read_manifest
 from recipes.avsr.data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
-from recipes.avsr.train import main
+from recipes.avsr.experiments.decor_sweep import main as decor_sweep
+from recipes.avsr.experiments.sinks import main as sinks
+from recipes.avsr.pipeline.main import main
+from recipes.avsr.reports import sink_summary
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: `python -m recipes.avsr` runs from there
 
@@ -25,6 +27,7 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_help_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "recipes.avsr", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0
@@ -32,6 +35,7 @@ def test_help_runs_as_a_module():
     assert "--modality" in out.stdout
 
 
+@pytest.mark.slow
 def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
     out = tmp_path / "run"
     results = main(SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "3"])
@@ -64,14 +68,15 @@ def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
     assert all((out / "base_models" / n / "config.json").is_file() for n in ("llm", "audio_encoder", "video_encoder"))
 
 
+@pytest.mark.slow
 def test_noisy_test_sets_are_encoded_afresh_when_the_feature_cache_is_on(tmp_path, monkeypatch):
     """The embedded corpus caches encoder outputs by uid (clean training); the --test_snrs decodes hold the same
     uids with noise added, so they must not be served the cached clean features."""
-    from recipes.avsr import loop
-    from recipes.avsr.model import AVSRModel
+    from recipes.avsr.pipeline import run, scoring
+    from recipes.avsr.pipeline.model import AVSRModel
 
     encoded, decoding = [], []
-    original_encode, original_decode = AVSRModel._encode_audio, loop.decode
+    original_encode, original_decode = AVSRModel._encode_audio, scoring.decode
 
     def counting_encode(self, features):
         encoded.append((decoding[-1] if decoding else "train", features.shape[0]))
@@ -82,7 +87,8 @@ def test_noisy_test_sets_are_encoded_afresh_when_the_feature_cache_is_on(tmp_pat
         return original_decode(accelerator, model, loader, desc, **kwargs)
 
     monkeypatch.setattr(AVSRModel, "_encode_audio", counting_encode)
-    monkeypatch.setattr(loop, "decode", tagged_decode)
+    monkeypatch.setattr(scoring, "decode", tagged_decode)
+    monkeypatch.setattr(run, "decode", tagged_decode)
     out = tmp_path / "run"
     results = main(SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "1", "--no-eval_untrained",
                             "--test_snrs", "0", "--decode_noise", "babble"])["asr"]  # fmt: skip
@@ -97,17 +103,22 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     out = tmp_path / "run"
-    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "6", "--grad_accum", "2",
-                      "--save_every", "2", "--no-eval_untrained", "--lora_dropout", "0.1"]  # fmt: skip
+    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "6",
+                      "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--no-eval_untrained",
+                      "--lora_dropout", "0.1"]  # fmt: skip
     main(common)
     straight = _final_weights(out / "asr")
     log = json.loads((out / "asr" / "train_log.json").read_text())
     assert (out / "asr" / "checkpoints" / "step_4" / "trainer_state.json").is_file()
     assert not list((out / "asr" / "checkpoints" / "step_4").glob("model*.safetensors"))  # no frozen weights saved
 
-    main(common + ["--resume", str(out / "asr" / "checkpoints" / "step_2"), "--checkpoints_total_limit", "1"])
+    main(
+        common
+        + ["--resume_from_checkpoint", str(out / "asr" / "checkpoints" / "step_2"), "--checkpoints_total_limit", "1"]
+    )
     resumed = _final_weights(out / "asr")
     assert [p.name for p in (out / "asr" / "checkpoints").iterdir()] == ["step_6"]  # the limit; no partial folder
     assert straight.keys() == resumed.keys()
@@ -117,7 +128,9 @@ def test_resume_continues_exactly(tmp_path):
     assert [h["step"] for h in resumed_log] == [1, 2, 3, 4, 5, 6]
     assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(log, resumed_log))  # same losses after the resume
 
-    main(common + ["--resume", "latest"])  # step_6: nothing left to train, the same final weights again
+    main(
+        common + ["--resume_from_checkpoint", "latest"]
+    )  # step_6: nothing left to train, the same final weights again
     latest = _final_weights(out / "asr")
     for key in straight:
         assert torch.equal(latest[key], resumed[key]), key
@@ -139,6 +152,7 @@ def _count_accelerators(monkeypatch) -> list:
     return created
 
 
+@pytest.mark.slow
 def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
     out = tmp_path / "run"
     cfg = SyntheticCorpusConfig(n_train=24, n_test=4, seed=0)
@@ -151,10 +165,11 @@ def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
     assert str(bad) in next(iter(skipped["examples"].values()))
 
 
+@pytest.mark.slow
 def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "run"
     accelerators = _count_accelerators(monkeypatch)
-    main(SMALL + ["--output_dir", str(out), "--experiment", "sinks", "--modality", "asr", "--sink_rates", "2", "4",
+    sinks(SMALL + ["--output_dir", str(out), "--modality", "asr", "--sink_rates", "2", "4",
                     "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained",
                     "--seeds", "0", "1"])  # fmt: skip
     assert len(accelerators) == 1  # eight runs, one Accelerator per process
@@ -186,7 +201,7 @@ def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
     table, paired_md = (out / "sinks" / "sinks.md").read_text().split("With the loss minus without")
     assert table.count("\n| ") == 7  # header + six cells
     assert "| 2 | before fine-tuning | – |" in table and " ± " in table
-    assert paired_md.count("\n| 2 | 0.5 | ") == paired_md.count("\n| 4 | 0.5 | ") == len(sink_stats.PAIRED)
+    assert paired_md.count("\n| 2 | 0.5 | ") == paired_md.count("\n| 4 | 0.5 | ") == len(sink_summary.PAIRED)
     plots = {p.name for p in (out / "sinks" / "plots").glob("*.png")}
     assert "summary.png" in plots
     seed_plots = {p.name for p in (out / "sinks" / "seed_1" / "plots").glob("*.png")}
@@ -211,7 +226,7 @@ def _llm_without_delimiters(path: Path) -> tuple[int, int]:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from recipes.avsr.data.synthetic import GRAMMAR
-    from recipes.avsr.model import PROMPTS
+    from recipes.avsr.pipeline.sequences import PROMPTS
 
     words = {w for ws in GRAMMAR.values() for w in ws} | {w for p in PROMPTS.values() for w in p.lower().split()}
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *sorted(words)])}
@@ -231,6 +246,7 @@ def _llm_without_delimiters(path: Path) -> tuple[int, int]:
     return len(vocab), 32
 
 
+@pytest.mark.slow
 def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tmp_path):
     out = tmp_path / "run"
     vocab, hidden = _llm_without_delimiters(tmp_path / "llm")
@@ -262,12 +278,13 @@ def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tm
     assert "training" not in evaluated
 
 
+@pytest.mark.distributed
 def test_two_processes_give_the_metrics_of_one(tmp_path):
     """DDP over 2 CPU processes (gloo) against 1 process with 2 accumulation steps: the same batches per optimizer
     step (6 batches of 4 per epoch, 3 epochs), so the same steps and test metrics; the run must also end (it hung
     after the first epoch: each process has 3 batches per epoch, the resume arithmetic counted 6)."""
     common = SMALL + ["--modality", "asr", "--epochs", "3", "--lora_dropout", "0", "--no-eval_untrained"]
-    one = main(common + ["--output_dir", str(tmp_path / "one"), "--grad_accum", "2"])["asr"]
+    one = main(common + ["--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"])["asr"]
     two_dir = tmp_path / "two"
     two_dir.mkdir()
     for name in ("corpus", "base_models"):  # the same embedded corpus and stand-ins (rebuilt identically otherwise)
@@ -293,9 +310,10 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
     assert len(json.loads((two_dir / "asr" / "train_log.json").read_text())) == 9
 
 
+@pytest.mark.slow
 def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
     out = tmp_path / "run"
-    summary = main(SMALL + ["--output_dir", str(out), "--experiment", "decor_sweep", "--modality", "asr",
+    summary = decor_sweep(SMALL + ["--output_dir", str(out), "--modality", "asr",
                             "--sink_rates", "2", "4", "--decor_weights", "0", "0.5", "50", "--max_steps", "2",
                             "--val_utts", "4", "--no-eval_untrained"])  # fmt: skip
     saved = json.loads((out / "decor_sweep" / "sweep.json").read_text())
@@ -320,19 +338,24 @@ def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--decor_weights", "0", "1"], "--experiment decor_sweep"),
-        (["--experiment", "decor_sweep", "--decor_weights", "0", "-1"], "distinct finite lambdas"),
-        (["--experiment", "decor_sweep", "--decor_weights", "1", "1"], "distinct finite lambdas"),
-        (["--experiment", "decor_sweep", "--decor_weight", "0.5"], "would be ignored"),
+        (["--decor_weights", "0", "-1"], "distinct finite lambdas"),
+        (["--decor_weights", "1", "1"], "distinct finite lambdas"),
+        (["--decor_weight", "0.5"], "would be ignored"),
     ],
 )
 def test_bad_decor_sweep_options_are_refused(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
-        main(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr"] + extra)
+        decor_sweep(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr"] + extra)
+
+
+def test_the_sweep_options_belong_to_the_sweep(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr", "--decor_weights", "0", "1"])
+    assert "--decor_weights" in capsys.readouterr().err
 
 
 def test_decor_sweep_chooses_on_the_mean_over_seeds():
-    from recipes.avsr.decor_sweep import summarise_sweep
+    from recipes.avsr.reports.sweep_summary import summarise_sweep
 
     def row(seed, weight, val):
         stats = dict(wer=10.0, mean_bos_cosine=0.5, top_activation=1.0, massive_activations=0, layers_with_sinks=0)

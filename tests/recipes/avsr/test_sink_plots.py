@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from recipes.avsr.model import SEG
-from recipes.avsr.sink_plots import _bands, sink_vs_other_cosine
+from recipes.avsr.pipeline.sequences import SEG
+from recipes.avsr.reports.sink_plots import _bands, sink_vs_other_cosine
 
 
 def test_bands_are_the_runs_of_each_segment_without_padding():
