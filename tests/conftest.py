@@ -13,6 +13,16 @@ import torch
 import transformers as T
 from peft import LoraConfig, get_peft_model
 
+# ---- test tiers ----------------------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start several processes or load real weights are slow too: ``-m "not slow"`` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("distributed") or item.get_closest_marker("real_weights"):
+            item.add_marker(pytest.mark.slow)
+
+
 # ---- ViT family ----------------------------------------------------------------------------------------------------
 
 # tiny ViT-family configs: 32x32 images, 8x8 patches -> a 4x4 patch grid

@@ -15,6 +15,7 @@ import pytest
 
 import peft_gnnmoe
 
+pytestmark = pytest.mark.slow  # builds the wheel and sdist and a fresh environment
 ROOT = Path(__file__).resolve().parents[1]
 
 # Saves a GNN-MoE adapter (tiny ViT) and a sink-decorrelation adapter (tiny Llama) with the installed wheel, each on a
@@ -51,6 +52,7 @@ save_file({"pixels": pixels, "ids": ids, "vit": vit.eval()(pixel_values=pixels).
 RUN_CARD_SNIPPETS = """
 import re, sys, torch
 from safetensors.torch import load_file
+
 work = sys.argv[1]
 expected = load_file(f"{work}/expected.safetensors")
 for adapter, call in (("vit-adapter", lambda m: m(pixel_values=expected["pixels"])),

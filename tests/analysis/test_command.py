@@ -88,6 +88,7 @@ def test_a_folder_that_holds_no_model_is_a_clear_message(tmp_path):
         main(["analyze", "--model", str(missing), "--output-dir", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_a_hub_id_loads_through_the_hub_cache(model_dir, tmp_path):
     """``--model org/name`` goes through huggingface_hub's resolution: here an offline cache holding a snapshot."""
     snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("0" * 40)

@@ -13,6 +13,8 @@ import pytest
 
 from peft_gnnmoe.analysis import attention_sink_scores, find_massive_activations
 
+pytestmark = pytest.mark.real_weights
+
 CLS_FEATURE = 278
 PHOTOS = ("astronaut", "coffee", "chelsea")
 

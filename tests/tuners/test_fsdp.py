@@ -26,9 +26,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft_gnnmoe import GNNMoEConfig, SinkDecorrelationConfig
 from peft_gnnmoe.utils.model_introspection import find_decoder_layers
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+    ),
+]
 
 WORLD_SIZE = 2
 STEPS = 3

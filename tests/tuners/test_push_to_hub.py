@@ -126,11 +126,13 @@ def _repo_files(hub: Path, repo_id: str) -> dict[str, Path]:
     return {p.relative_to(snapshot).as_posix(): p for p in snapshot.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repo_id", ["tiny-org/gnnmoe-adapter", "tiny-org/sink-adapter"])
 def test_the_repository_holds_what_save_pretrained_writes(hub, repo_id):
     assert sorted(_repo_files(hub, repo_id)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("repo_id", "peft_type", "base"),
     [
@@ -147,12 +149,14 @@ def test_the_pushed_card_is_the_peft_card_with_the_loading_snippet(hub, repo_id,
     assert f"from_pretrained('{base}')" in card
 
 
+@pytest.mark.slow
 def test_a_second_push_keeps_one_loading_section_and_adds_the_tags(hub):
     card = _repo_files(hub, "tiny-org/sink-adapter")["README.md"].read_text()
     assert card.count("<!-- peft-gnnmoe:usage -->") == 1
     assert "- my-tag" in card
 
 
+@pytest.mark.slow
 def test_other_adapter_types_push_as_before(hub):
     """A LoRA adapter gets transformers' card, untouched by peft_gnnmoe (which only keeps its own types' cards)."""
     card = _repo_files(hub, "tiny-org/lora-adapter")["README.md"].read_text()
@@ -160,5 +164,6 @@ def test_other_adapter_types_push_as_before(hub):
     assert "peft_gnnmoe" not in card
 
 
+@pytest.mark.slow
 def test_the_pushed_adapters_load_in_a_fresh_process(hub):
     assert "identical outputs" in _run(LOAD, hub, hub.parent)

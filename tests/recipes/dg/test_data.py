@@ -56,6 +56,7 @@ def test_seed_hash_is_a_pinned_md5_value():
     assert data.seed_hash(0, 1) != data.seed_hash(1, 0)
 
 
+@pytest.mark.slow
 def test_seed_hash_ignores_pythons_salted_string_hash():
     """Python salts ``hash(str)`` per process (PYTHONHASHSEED); seed_hash of a tuple with a string must not move."""
     code = "from recipes.dg.data import seed_hash; print(seed_hash('batch', 3, 0, 0), hash('batch'))"

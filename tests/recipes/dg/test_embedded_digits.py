@@ -1,10 +1,12 @@
 """The embedded digits benchmark: four distinct, balanced domains of real digit images from installed packages."""
 
 import numpy as np
+import pytest
 
 from recipes.dg import data, embedded_digits
 
 
+@pytest.mark.slow
 def test_embedded_digits_are_four_distinct_balanced_domains():
     domains = embedded_digits.build_embedded_digits(28)
     assert tuple(domains) == embedded_digits.DOMAINS

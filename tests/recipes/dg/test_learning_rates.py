@@ -36,6 +36,7 @@ def _run_lrs(out) -> dict[str, float]:
     return lrs
 
 
+@pytest.mark.slow
 def test_the_sweep_trains_each_method_at_its_learning_rate(tmp_path):
     out = tmp_path / "dry"
     train.main(
@@ -45,6 +46,7 @@ def test_the_sweep_trains_each_method_at_its_learning_rate(tmp_path):
     assert _run_lrs(out) == {"lora": 5e-4, "probe": methods.DEFAULT_LR["probe"]}
 
 
+@pytest.mark.slow
 def test_lr_overrides_every_method_lr(tmp_path):
     out = tmp_path / "dry"
     train.main(

@@ -24,10 +24,12 @@ def test_photo_is_a_square_uint8_crop():
     assert (image[0] == image[2]).all()
 
 
+@pytest.mark.slow
 def test_saved_head_size_is_read_from_the_adapter(saved_adapter):
     assert routing_photos.saved_num_labels(saved_adapter) == 10
 
 
+@pytest.mark.slow
 def test_one_figure_per_size_at_the_photos_resolution(saved_adapter, tmp_path):
     out = tmp_path / "routing.png"
     routing_photos.main(

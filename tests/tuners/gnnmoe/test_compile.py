@@ -32,6 +32,7 @@ def test_the_router_traces_without_graph_breaks(router, make_vit, images):
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
+@pytest.mark.slow
 @requires_inductor
 def test_compiled_model_gives_the_eager_outputs_and_aux_loss(make_vit, images, labels):
     config = GNNMoEConfig(router="gcn", graph="knn+grid", init_weights=False, router_noise_std=0.0)
@@ -46,6 +47,7 @@ def test_compiled_model_gives_the_eager_outputs_and_aux_loss(make_vit, images, l
     torch.testing.assert_close(get_aux_loss(model), want_aux, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @requires_inductor
 def test_compiled_training_step_gives_the_eager_loss_and_gradients(make_vit, images, labels):
     """Training mode, one block, one compile (~30 s on one core): the dense expert order and the gated tokens q / k /

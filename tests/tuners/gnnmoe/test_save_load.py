@@ -44,6 +44,7 @@ def test_saved_adapter_is_a_standard_peft_repo(tmp_path, make_vit):
     assert "- gnnmoe" in card
 
 
+@pytest.mark.slow
 def test_reload_in_a_fresh_process_gives_identical_outputs(tmp_path, images, make_vit):
     model, base_dir, adapter_dir = _trained_adapter(make_vit, tmp_path, router="sage")
     with torch.no_grad():
@@ -152,6 +153,7 @@ def _python_block(card: str) -> str:
     return card[start : card.index("```", start)]
 
 
+@pytest.mark.slow
 def test_model_card_shows_a_loading_snippet_that_works(tmp_path, make_vit, images):
     model, base_dir, adapter_dir = _trained_adapter(make_vit, tmp_path)
     model.save_pretrained(adapter_dir)  # saving again replaces the section instead of adding a second one

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 from peft import get_peft_model
@@ -146,6 +147,7 @@ def _run_worker(tmp_path: Path, processes: int) -> dict[str, torch.Tensor]:
     return torch.load(out)
 
 
+@pytest.mark.distributed
 def test_one_and_two_processes_give_the_same_averaged_gradients(tmp_path):
     one = _run_worker(tmp_path, 1)
     two = _run_worker(tmp_path, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from safetensors.torch import load_file
@@ -76,6 +77,7 @@ def _python_block(card: str) -> str:
     return card[start : card.index("```", start)]
 
 
+@pytest.mark.slow
 def test_model_card_shows_a_loading_snippet_that_works(tmp_path, make_lm, sink_model, lm_batch):
     import subprocess
     import sys

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import peft_gnnmoe
 
+pytestmark = pytest.mark.distributed
+
 WORKER = Path(__file__).with_name("two_process_worker.py")
 
 

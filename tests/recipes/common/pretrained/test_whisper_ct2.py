@@ -31,6 +31,8 @@ from recipes.common.pretrained.whisper_ct2 import (  # noqa: E402
 )
 from recipes.common.pretrained.whisper_ct2_tensors import map_whisper_tensors  # noqa: E402
 
+pytestmark = pytest.mark.real_weights
+
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 UTTERANCE = "sense_and_sensibility_01_austen_64kb-0870"
 needs_speech = pytest.mark.skipif(
