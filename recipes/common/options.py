@@ -10,6 +10,7 @@ makes each one a hidden alias of its new option that warns once, naming the new 
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 
 SHARED_OPTIONS = (
@@ -37,6 +38,14 @@ MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")  # accelerate's
 REPORT_TO_CHOICES = ("none", "tensorboard")  # the trackers the recipes are tested with (accelerate's names)
 
 
+def _outside_argparse() -> int:
+    """The ``stacklevel`` of the first caller outside argparse and this module: the code that parsed the line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") in ("argparse", __name__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class _DeprecatedSpelling(argparse.Action):
     """An old option string: warns that it is deprecated, then does what the new option's action does."""
 
@@ -49,7 +58,7 @@ class _DeprecatedSpelling(argparse.Action):
         warnings.warn(
             f"{option_string} is deprecated and will be removed in peft-gnnmoe {REMOVED_IN}: use {new}",
             FutureWarning,
-            stacklevel=2,
+            stacklevel=_outside_argparse(),
         )
         self.target(parser, namespace, values, new)
 

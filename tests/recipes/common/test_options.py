@@ -37,8 +37,9 @@ def test_an_old_spelling_parses_as_the_new_one_and_warns_naming_it(old, new):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         expected = p.parse_args(new)  # the new spelling does not warn
-    with pytest.warns(FutureWarning, match=rf"{old[0]} is deprecated .* use {DEPRECATED_SPELLINGS[old[0]]}"):
+    with pytest.warns(FutureWarning, match=rf"{old[0]} is deprecated .* use {DEPRECATED_SPELLINGS[old[0]]}") as caught:
         got = p.parse_args(old)
+    assert caught[0].filename == __file__  # the warning points at the code that parsed, not into argparse
     assert got == expected
     assert got != p.parse_args([])  # the value did arrive
 
