@@ -7,11 +7,12 @@ import math
 import random
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..pipeline.config.fields import option
 from .augment import NOISE_TYPES, Augmentation, BabbleBank
 from .collate import AVSRCollator
 from .dataset import AVSRDataset, VideoTransform
@@ -75,11 +76,6 @@ class LengthBucketSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
-def _option(default, help: str, advanced: bool = False, **argparse_kwargs):
-    """A field that is also an option of the recipe's command line (see ``recipes.avsr.pipeline.config.fields``)."""
-    return field(default=default, metadata={"help": help, "advanced": advanced, **argparse_kwargs})
-
-
 def _snr_range(values) -> tuple[float, float] | None:
     """``--train_snr_range``: ``LOW HIGH`` (dB) or ``off``."""
     if values is None or list(values) == ["off"]:
@@ -115,10 +111,10 @@ class LoaderConfig:
         time_mask: Llama-AVSR's time masking of the training audio and video (off by default).
     """
 
-    crop_size: int | None = _option(
+    crop_size: int | None = option(
         88, "centre crop of the mouth frames (88 for LRS3; the embedded preset: 44)", type=int
     )
-    mouth_box: tuple[int, int, int, int] | None = _option(
+    mouth_box: tuple[int, int, int, int] | None = option(
         None,
         "fixed mouth region cut from raw LRS3 face videos before cropping",
         advanced=True,
@@ -126,37 +122,37 @@ class LoaderConfig:
         nargs=4,
         metavar=("TOP", "LEFT", "H", "W"),
     )
-    random_crop: bool | None = _option(
+    random_crop: bool | None = option(
         None,
         "random crop of the training frames (default: on for LRS3, off for the embedded corpus)",
         advanced=True,
         action=argparse.BooleanOptionalAction,
     )
-    preload: bool = _option(
+    preload: bool = option(
         False, "decode every file once into memory (the embedded preset: on)", advanced=True,
         action=argparse.BooleanOptionalAction,
     )  # fmt: skip
-    max_frames: int | None = _option(
+    max_frames: int | None = option(
         None,
         "frame budget of a training batch (video frames at 25 fps; default: Llama-AVSR's 1000 for asr/avsr, 1500 "
         "for vsr on LRS3; none for the embedded corpus)",
         type=int,
     )
     reference_budget: bool = False  # resolved from the data source (LRS3: on), not an option
-    max_batch_size: int = _option(16, "utterances per training batch at most")
-    eval_batch_size: int = _option(16, "utterances per test batch at most", advanced=True)
-    num_workers: int = _option(0, "DataLoader worker processes", advanced=True)
-    test_snr_db: float | None = _option(
+    max_batch_size: int = option(16, "utterances per training batch at most")
+    eval_batch_size: int = option(16, "utterances per test batch at most", advanced=True)
+    num_workers: int = option(0, "DataLoader worker processes", advanced=True)
+    test_snr_db: float | None = option(
         None, "noise at this SNR (dB) on the test audio", flag="--decode_snr_target", type=float
     )
-    test_noise: str = _option(
+    test_noise: str = option(
         "white",
         "the noise of --decode_snr_target and --test_snrs: white, or babble (4 training utterances summed); the real "
         "preset: babble when the test set is decoded with noise",
         flag="--decode_noise",
         choices=NOISE_TYPES,
     )
-    train_snr_range: tuple[float, float] | None = _option(
+    train_snr_range: tuple[float, float] | None = option(
         None,
         "babble noise on the training audio at an SNR (dB) drawn per utterance and epoch (Llama-AVSR: -5 20; the "
         "real preset: -5 20; 'off' turns it off)",
@@ -164,7 +160,7 @@ class LoaderConfig:
         metavar="LOW HIGH | off",
         type=str,
     )
-    time_mask: bool = _option(
+    time_mask: bool = option(
         False,
         "Llama-AVSR's time masking in training: up to 0.4 s of audio per second, up to 10 of every 25 frames",
         advanced=True,
