@@ -51,6 +51,7 @@ EXTRAS_REQUIRE = {
     # tests, lint, packaging checks, and the reference runtimes the converters are checked against
     "dev": [
         "pytest>=8",
+        "pytest-xdist>=3.5",  # the suite runs on every core (pytest.ini: -n auto)
         "trl>=1.16",  # SFTTrainer (with packing) is one of the training loops the tests run
         "ruff>=0.5",
         "build>=1.2",

@@ -25,7 +25,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_TESTS = ["tests/tuners", "tests/analysis", "tests/utils", "tests/test_package.py"]
 SHARED = "torch"
-TEST_TOOLS = ["pytest"]
+TEST_TOOLS = ["pytest", "pytest-xdist"]  # pytest.ini runs the tests on every core (-n auto)
 
 
 def setup_literal(name: str):

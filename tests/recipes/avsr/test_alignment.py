@@ -200,15 +200,16 @@ def test_a_run_saved_before_the_option_reads_back_without_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_recipe_run_with_the_ctc_loss_logs_it_resumes_exactly_and_decodes_again_from_final(tmp_path):
+def test_a_recipe_run_with_the_ctc_loss_logs_it_resumes_exactly_and_decodes_again_from_final(
+    tmp_path, small, prepare_run
+):
     from safetensors.torch import load_file
 
     from recipes.avsr.pipeline.main import main
-    from tests.recipes.avsr.test_recipe import SMALL
 
-    out = tmp_path / "run"
-    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "4", "--checkpointing_steps", "2",
-                      "--no-eval_untrained", "--ctc_weight", "0.5"]  # fmt: skip
+    out = prepare_run(tmp_path / "run")
+    common = small("--output_dir", str(out), "--modality", "asr", "--max_steps", "4", "--checkpointing_steps", "2",
+                   "--no-eval_untrained", "--ctc_weight", "0.5")  # fmt: skip
     trained = main(common)["asr"]
     log = json.loads((out / "asr" / "train_log.json").read_text())
     assert [h["step"] for h in log] == [1, 2, 3, 4]

@@ -9,16 +9,11 @@ from safetensors.torch import load_file
 
 from recipes.avsr.pipeline.main import main
 
-SMALL = [
-    "--corpus_train", "24", "--corpus_test", "4", "--encoder_pretrain_steps", "3", "--text_pretrain_steps", "3",
-    "--max_batch_size", "4", "--eval_batch_size", "4", "--num_beams", "2", "--max_new_tokens", "8",
-]  # fmt: skip
-
 
 @pytest.mark.slow
-def test_seeds_report_mean_and_std_with_chance_and_swaps_and_eval_only_reproduces_them(tmp_path):
-    out = tmp_path / "run"
-    args = SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "2", "--no-eval_untrained"]
+def test_seeds_report_mean_and_std_with_chance_and_swaps_and_eval_only_reproduces_them(tmp_path, small, prepare_run):
+    out = prepare_run(tmp_path / "run")
+    args = small("--output_dir", str(out), "--modality", "avsr", "--max_steps", "2", "--no-eval_untrained")
     main(args + ["--seeds", "0", "1", "--swap_controls", "--test_snrs", "0"])
     saved = json.loads((out / "results.json").read_text())
     runs = saved["runs"]
@@ -59,24 +54,14 @@ def _lora_key(trainable_key: str) -> str:
 
 
 @pytest.mark.slow
-def test_average_last_writes_the_mean_of_the_checkpoints_and_validation_is_logged_per_epoch(tmp_path):
-    out = tmp_path / "run"
+def test_average_last_writes_the_mean_of_the_checkpoints_and_validation_is_logged_per_epoch(
+    tmp_path, small, prepare_run
+):
+    out = prepare_run(tmp_path / "run")
     main(
-        SMALL
-        + [
-            "--output_dir",
-            str(out),
-            "--modality",
-            "asr",
-            "--epochs",
-            "2",
-            "--checkpointing_steps",
-            "1",
-            "--average_last",
-            "2",
-        ]
-        + ["--val_utts", "4", "--no-eval_untrained", "--no-cache_features", "--train_snr_range", "-5", "20"]
-        + ["--time_mask", "--decode_snr_target", "0", "--decode_noise", "babble"]
+        small("--output_dir", str(out), "--modality", "asr", "--epochs", "2", "--checkpointing_steps", "1")
+        + ["--average_last", "2", "--val_utts", "4", "--no-eval_untrained", "--no-cache_features"]
+        + ["--train_snr_range", "-5", "20", "--time_mask", "--decode_snr_target", "0", "--decode_noise", "babble"]
     )
     results = json.loads((out / "asr" / "results.json").read_text())
     steps = results["training"]["steps"]

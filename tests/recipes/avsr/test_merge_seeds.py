@@ -1,32 +1,37 @@
 """``python -m recipes.avsr.experiments.merge_seeds``: one mean ± std report from training runs of separate
 processes."""
 
+import dataclasses
 import json
 import statistics
 
 import pytest
 
+from recipes.avsr.data.synthetic import SyntheticCorpusConfig
 from recipes.avsr.experiments.merge_seeds import main as merge_main
 from recipes.avsr.pipeline.main import main
 
-from .test_recipe import SMALL
-
-
-def _run(out, *extra, models_from=None, steps: int = 1) -> None:
-    """An asr training run; ``models_from``: a run whose stand-in models this one loads (the same LLM)."""
-    models = []
-    if models_from is not None:
-        models = [f"--{m}={models_from / 'base_models' / m}" for m in ("llm", "audio_encoder")]
-    main(SMALL + models + ["--output_dir", str(out), "--modality", "asr", "--max_steps", str(steps),
-                           "--no-eval_untrained", "--test_snrs", "0", *extra])  # fmt: skip
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, small, prepare_run):
+    """Two asr training runs of one step on one corpus: ``plain`` (seed 0, a plain run: results.json is a list) and
+    ``seeds`` (``--seeds 1 2``), which loads the plain run's stand-in models (the same LLM, as merging requires)."""
     root = tmp_path_factory.mktemp("seed_runs")
-    _run(root / "plain")  # seed 0, a plain run: results.json is a list
-    _run(root / "seeds", "--seeds", "1", "2", models_from=root / "plain")
+    common = small("--modality", "asr", "--max_steps", "1", "--no-eval_untrained", "--test_snrs", "0")
+    main(common + ["--output_dir", str(prepare_run(root / "plain"))])
+    models = [f"--{m}={root / 'plain' / 'base_models' / m}" for m in ("llm", "audio_encoder")]
+    main(common + models + ["--output_dir", str(prepare_run(root / "seeds", parts=("corpus",))), "--seeds", "1", "2"])
     return root
+
+
+def _copy_of_seeds_run(runs, out, seeds: list[int], **training) -> None:
+    """The ``seeds`` run's results.json and corpus stamp, in ``out``, as a run of ``seeds`` whose training record
+    holds ``training`` instead: what merging reads of a run trained with other settings."""
+    saved = json.loads((runs / "seeds" / "results.json").read_text())
+    saved["runs"] = [{**r, "seed": s, "training": {**r["training"], **training}} for r, s in zip(saved["runs"], seeds)]
+    (out / "corpus").mkdir(parents=True)
+    (out / "corpus" / "corpus.json").write_text((runs / "seeds" / "corpus" / "corpus.json").read_text())
+    (out / "results.json").write_text(json.dumps(saved))
 
 
 @pytest.mark.slow
@@ -55,13 +60,19 @@ def test_a_seed_in_two_runs_is_refused(runs, tmp_path):
 
 @pytest.mark.slow
 def test_other_settings_or_another_corpus_are_refused(runs, tmp_path):
-    _run(tmp_path / "longer", "--seeds", "3", models_from=runs / "plain", steps=2)
+    _copy_of_seeds_run(runs, tmp_path / "longer", [3, 4], steps=2)
     with pytest.raises(ValueError, match=r"asr was run with other settings .*'steps': \(1, 2\)"):
         merge_main([str(runs / "plain"), str(tmp_path / "longer"), "--output", str(tmp_path / "merged")])
-    _run(tmp_path / "other_corpus", "--seeds", "4", "--corpus_train", "20", models_from=runs / "plain")
+    _copy_of_seeds_run(runs, tmp_path / "other_corpus", [5, 6])
+    stamp = tmp_path / "other_corpus" / "corpus" / "corpus.json"
+    other = SyntheticCorpusConfig(**{**json.loads(stamp.read_text())["config"], "n_train": 20})  # --corpus_train 20
+    stamp.write_text(json.dumps({"fingerprint": other.fingerprint(), "config": dataclasses.asdict(other)}))
     with pytest.raises(ValueError, match="different corpora"):
         merge_main([str(runs / "plain"), str(tmp_path / "other_corpus"), "--output", str(tmp_path / "merged")])
     assert not (tmp_path / "merged").exists()
+    _copy_of_seeds_run(runs, tmp_path / "same", [5, 6])  # the same records under new seeds: merged
+    merge_main([str(runs / "plain"), str(tmp_path / "same"), "--output", str(tmp_path / "merged")])
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["seeds"] == [0, 5, 6]
 
 
 def test_a_folder_without_a_training_run_is_named(tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,18 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from recipes.avsr.data.lrs3 import read_manifest
-from recipes.avsr.data.synthetic import SyntheticCorpusConfig, build_synthetic_corpus
 from recipes.avsr.experiments.decor_sweep import main as decor_sweep
 from recipes.avsr.experiments.sinks import main as sinks
 from recipes.avsr.pipeline.main import main
 from recipes.avsr.reports import sink_summary
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: `python -m recipes.avsr` runs from there
-
-SMALL = [
-    "--corpus_train", "24", "--corpus_test", "4", "--encoder_pretrain_steps", "3", "--text_pretrain_steps", "3",
-    "--max_batch_size", "4", "--eval_batch_size", "4", "--num_beams", "2", "--max_new_tokens", "8",
-]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -36,9 +29,9 @@ def test_help_runs_as_a_module():
 
 
 @pytest.mark.slow
-def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
-    out = tmp_path / "run"
-    results = main(SMALL + ["--output_dir", str(out), "--modality", "avsr", "--max_steps", "3"])
+def test_end_to_end_avsr_writes_results_and_weights(tmp_path, small):
+    out = tmp_path / "run"  # empty: the run builds its corpus and stand-ins (the other runs here copy them)
+    results = main(small("--output_dir", str(out), "--modality", "avsr", "--max_steps", "3"))
     res = json.loads((out / "avsr" / "results.json").read_text())
     assert res == json.loads(json.dumps(results["avsr"]))
     assert 0 <= res["test"]["wer"]
@@ -69,7 +62,7 @@ def test_end_to_end_avsr_writes_results_and_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_noisy_test_sets_are_encoded_afresh_when_the_feature_cache_is_on(tmp_path, monkeypatch):
+def test_noisy_test_sets_are_encoded_afresh_when_the_feature_cache_is_on(tmp_path, monkeypatch, small, prepare_run):
     """The embedded corpus caches encoder outputs by uid (clean training); the --test_snrs decodes hold the same
     uids with noise added, so they must not be served the cached clean features."""
     from recipes.avsr.pipeline import run, scoring
@@ -89,9 +82,9 @@ def test_noisy_test_sets_are_encoded_afresh_when_the_feature_cache_is_on(tmp_pat
     monkeypatch.setattr(AVSRModel, "_encode_audio", counting_encode)
     monkeypatch.setattr(scoring, "decode", tagged_decode)
     monkeypatch.setattr(run, "decode", tagged_decode)
-    out = tmp_path / "run"
-    results = main(SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "1", "--no-eval_untrained",
-                            "--test_snrs", "0", "--decode_noise", "babble"])["asr"]  # fmt: skip
+    out = prepare_run(tmp_path / "run")
+    results = main(small("--output_dir", str(out), "--modality", "asr", "--max_steps", "1", "--no-eval_untrained",
+                         "--test_snrs", "0", "--decode_noise", "babble"))["asr"]  # fmt: skip
     assert "0" in results["test_by_snr"]["snr_db"]
     rows = {desc: sum(n for d, n in encoded if d == desc) for desc in decoding}
     assert rows["decode asr"] == 4 and rows["decode asr at 0 dB"] == 4  # every noisy test utterance encoded
@@ -104,11 +97,11 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path):
-    out = tmp_path / "run"
-    common = SMALL + ["--output_dir", str(out), "--modality", "asr", "--max_steps", "6",
-                      "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--no-eval_untrained",
-                      "--lora_dropout", "0.1"]  # fmt: skip
+def test_resume_continues_exactly(tmp_path, small, prepare_run):
+    out = prepare_run(tmp_path / "run")
+    common = small("--output_dir", str(out), "--modality", "asr", "--max_steps", "6",
+                   "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--no-eval_untrained",
+                   "--lora_dropout", "0.1")  # fmt: skip
     main(common)
     straight = _final_weights(out / "asr")
     log = json.loads((out / "asr" / "train_log.json").read_text())
@@ -153,25 +146,23 @@ def _count_accelerators(monkeypatch) -> list:
 
 
 @pytest.mark.slow
-def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path):
-    out = tmp_path / "run"
-    cfg = SyntheticCorpusConfig(n_train=24, n_test=4, seed=0)
-    root = build_synthetic_corpus(out / "corpus", cfg)
-    bad = sorted((root / "synth" / "synth_video" / "trainval").rglob("*.mp4"))[5]
+def test_a_corrupt_training_file_is_reported_and_skipped(tmp_path, small, prepare_run):
+    out = prepare_run(tmp_path / "run", parts=("corpus",))  # the stand-ins are pretrained on the corrupt corpus
+    bad = sorted((out / "corpus" / "synth" / "synth_video" / "trainval").rglob("*.mp4"))[5]
     bad.write_bytes(b"\x00" * 100)
-    results = main(SMALL + ["--output_dir", str(out), "--modality", "vsr", "--max_steps", "2", "--no-eval_untrained"])
+    results = main(small("--output_dir", str(out), "--modality", "vsr", "--max_steps", "2", "--no-eval_untrained"))
     skipped = results["vsr"]["skipped_files"]
     assert skipped["count"] == 1
     assert str(bad) in next(iter(skipped["examples"].values()))
 
 
 @pytest.mark.slow
-def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def test_sink_experiment_writes_table_and_plots(tmp_path, monkeypatch, small, prepare_run):
+    out = prepare_run(tmp_path / "run")
     accelerators = _count_accelerators(monkeypatch)
-    sinks(SMALL + ["--output_dir", str(out), "--modality", "asr", "--sink_rates", "2", "4",
-                    "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained",
-                    "--seeds", "0", "1"])  # fmt: skip
+    sinks(small("--output_dir", str(out), "--modality", "asr", "--sink_rates", "2", "4",
+                "--decor_weight", "0.5", "--max_steps", "2", "--no-eval_untrained",
+                "--seeds", "0", "1"))  # fmt: skip
     assert len(accelerators) == 1  # eight runs, one Accelerator per process
     rows = json.loads((out / "sinks" / "sinks.json").read_text())
     cells = [(None, "before"), (0.0, "trained"), (0.5, "trained")]
@@ -247,18 +238,12 @@ def _llm_without_delimiters(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tmp_path):
-    out = tmp_path / "run"
+def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tmp_path, small, prepare_run):
+    out = prepare_run(tmp_path / "run")
     vocab, hidden = _llm_without_delimiters(tmp_path / "llm")
-    common = SMALL + [
-        "--output_dir",
-        str(out),
-        "--modality",
-        "asr",
-        "--no-eval_untrained",
-        "--llm",
-        str(tmp_path / "llm"),
-    ]
+    common = small(
+        "--output_dir", str(out), "--modality", "asr", "--no-eval_untrained", "--llm", str(tmp_path / "llm")
+    )
     trained = main(common + ["--max_steps", "3"])["asr"]
     final = out / "asr" / "final"
     adapter = load_file(final / "adapter" / "adapter_model.safetensors")
@@ -279,16 +264,13 @@ def test_a_saved_run_holds_no_full_embedding_and_eval_only_reproduces_its_wer(tm
 
 
 @pytest.mark.distributed
-def test_two_processes_give_the_metrics_of_one(tmp_path):
+def test_two_processes_give_the_metrics_of_one(tmp_path, small, prepare_run):
     """DDP over 2 CPU processes (gloo) against 1 process with 2 accumulation steps: the same batches per optimizer
     step (6 batches of 4 per epoch, 3 epochs), so the same steps and test metrics; the run must also end (it hung
     after the first epoch: each process has 3 batches per epoch, the resume arithmetic counted 6)."""
-    common = SMALL + ["--modality", "asr", "--epochs", "3", "--lora_dropout", "0", "--no-eval_untrained"]
-    one = main(common + ["--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"])["asr"]
-    two_dir = tmp_path / "two"
-    two_dir.mkdir()
-    for name in ("corpus", "base_models"):  # the same embedded corpus and stand-ins (rebuilt identically otherwise)
-        shutil.copytree(tmp_path / "one" / name, two_dir / name)
+    common = small("--modality", "asr", "--epochs", "3", "--lora_dropout", "0", "--no-eval_untrained")
+    one_dir, two_dir = prepare_run(tmp_path / "one"), prepare_run(tmp_path / "two")
+    one = main(common + ["--output_dir", str(one_dir), "--gradient_accumulation_steps", "2"])["asr"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "recipes.avsr", *common, "--output_dir", str(two_dir)]  # fmt: skip
@@ -311,11 +293,11 @@ def test_two_processes_give_the_metrics_of_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
-    out = tmp_path / "run"
-    summary = decor_sweep(SMALL + ["--output_dir", str(out), "--modality", "asr",
-                            "--sink_rates", "2", "4", "--decor_weights", "0", "0.5", "50", "--max_steps", "2",
-                            "--val_utts", "4", "--no-eval_untrained"])  # fmt: skip
+def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path, small, prepare_run):
+    out = prepare_run(tmp_path / "run")
+    summary = decor_sweep(small("--output_dir", str(out), "--modality", "asr",
+                                "--sink_rates", "2", "4", "--decor_weights", "0", "0.5", "50", "--max_steps", "2",
+                                "--val_utts", "4", "--no-eval_untrained"))  # fmt: skip
     saved = json.loads((out / "decor_sweep" / "sweep.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert [c["decor_weight"] for c in saved["cells"]] == [0.0, 0.5, 50.0]
@@ -343,14 +325,14 @@ def test_decor_sweep_chooses_the_lambda_of_lowest_validation_loss(tmp_path):
         (["--decor_weight", "0.5"], "would be ignored"),
     ],
 )
-def test_bad_decor_sweep_options_are_refused(tmp_path, extra, message):
+def test_bad_decor_sweep_options_are_refused(tmp_path, extra, message, small):
     with pytest.raises(ValueError, match=message):
-        decor_sweep(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr"] + extra)
+        decor_sweep(small("--output_dir", str(tmp_path), "--modality", "asr", *extra))
 
 
-def test_the_sweep_options_belong_to_the_sweep(tmp_path, capsys):
+def test_the_sweep_options_belong_to_the_sweep(tmp_path, capsys, small):
     with pytest.raises(SystemExit):
-        main(SMALL + ["--output_dir", str(tmp_path), "--modality", "asr", "--decor_weights", "0", "1"])
+        main(small("--output_dir", str(tmp_path), "--modality", "asr", "--decor_weights", "0", "1"))
     assert "--decor_weights" in capsys.readouterr().err
 
 

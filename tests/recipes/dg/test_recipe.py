@@ -10,56 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from recipes.dg import train
 from recipes.dg.data import seed_hash, split_indices
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-DOMAIN_SIZES = {"dom_a": 13, "dom_b": 15, "dom_c": 17}  # odd sizes: uneven shards under 2 processes
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 3-domain, 2-class image folder and a random-init tiny ViT saved like a Hub checkpoint."""
-    from transformers import ViTConfig, ViTModel
-
-    root = tmp_path_factory.mktemp("dg")
-    rng = np.random.default_rng(0)
-    for d, (dom, n) in enumerate(DOMAIN_SIZES.items()):
-        for i in range(n):
-            cls = ["circle", "square"][i % 2]
-            img = np.full((20, 20, 3), 40 * d, dtype=np.uint8)
-            if cls == "square":
-                img[5:15, 5:15] = 220
-            else:
-                yy, xx = np.mgrid[:20, :20]
-                img[(yy - 10) ** 2 + (xx - 10) ** 2 < 30] = 220
-            img = np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
-            os.makedirs(root / "data" / dom / cls, exist_ok=True)
-            Image.fromarray(img).save(root / "data" / dom / cls / f"{i}.png")
-    config = ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    ViTModel(config, add_pooling_layer=False).save_pretrained(root / "vit")
-    with open(root / "vit" / "preprocessor_config.json", "w") as f:
-        json.dump(
-            {
-                "image_processor_type": "ViTImageProcessor",
-                "size": {"height": 16, "width": 16},
-                "image_mean": [0.5] * 3,
-                "image_std": [0.5] * 3,
-            },
-            f,
-        )
-    return root
 
 
 def _args(tiny, out, *extra):
@@ -100,7 +55,7 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
+def test_leave_one_domain_out_end_to_end(tiny, tiny_domain_sizes, tmp_path, one_thread):
     out = tmp_path / "sweep"
 
     def argv_for(steps):
@@ -127,7 +82,7 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
 
     argv = argv_for("4")
     table = train.main(argv)
-    domains = list(DOMAIN_SIZES)
+    domains = list(tiny_domain_sizes)
     methods = ["gnnmoe-gcn", "lora", "probe", "full"]
     assert table["domains"] == domains
     assert list(table["methods"]) == methods
@@ -143,7 +98,7 @@ def test_leave_one_domain_out_end_to_end(tiny, tmp_path, one_thread):
                 assert sorted(k for k in rec if k.endswith("_n")) == sorted(
                     [f"env{i}_out_n" for i in sources] + [f"env{e}_in_n"]
                 )
-                n = list(DOMAIN_SIZES.values())
+                n = list(tiny_domain_sizes.values())
                 for i in sources:
                     assert rec[f"env{i}_out_n"] == len(split_indices(n[i], 0.2, seed_hash(trial, i))[1])
                 assert rec[f"env{e}_in_n"] == len(split_indices(n[e], 0.2, seed_hash(trial, e))[0])
@@ -247,7 +202,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_count_every_sample_once(tiny, tmp_path):
+def test_two_processes_count_every_sample_once(tiny, tiny_domain_sizes, tmp_path):
     """DDP over 2 CPU processes (gloo): evaluation counts, and GNN-MoE with 64 experts and top-1 routing (most experts
     get no token in a micro-batch) trains without DDP's unused-parameter error."""
     out = tmp_path / "ddp"
@@ -300,7 +255,7 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
         cmd, env=_script_env() | {"ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-4000:]
-    n = list(DOMAIN_SIZES.values())
+    n = list(tiny_domain_sizes.values())
     for method in ("gnnmoe-sage", "lora"):
         with open(out / "runs" / method / "env0_trial0" / "result.json") as f:
             r = json.load(f)
@@ -314,7 +269,7 @@ def test_two_processes_count_every_sample_once(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_pairs_runs_of_several_output_folders(tiny, tmp_path, one_thread):
+def test_compare_pairs_runs_of_several_output_folders(tiny, tiny_domain_sizes, tmp_path, one_thread):
     from recipes.dg import compare
 
     common = ["--router", "gcn", "--max_steps", "2", "--eval_every", "2", "--seeds", "0", "1"]
@@ -324,7 +279,7 @@ def test_compare_pairs_runs_of_several_output_folders(tiny, tmp_path, one_thread
     specs = [f"knn+grid={tmp_path / 'a'}:gnnmoe-gcn", f"radius={tmp_path / 'b'}", f"lora={tmp_path / 'a'}:lora"]
     table = compare.main([*specs, "--output", str(tmp_path / "cmp")])
     assert list(table["methods"]) == ["knn+grid", "radius", "lora"]
-    assert table["domains"] == list(DOMAIN_SIZES)
+    assert table["domains"] == list(tiny_domain_sizes)
 
     def accuracies(folder, method):
         runs = (tmp_path / folder / "runs" / method).glob("*/result.json")
