@@ -85,3 +85,16 @@ def tiny(tmp_path_factory, tiny_domain_sizes):
             f,
         )
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_args(tiny):
+    """``tiny_args(out, *extra)``: the command line of a sweep on ``tiny`` into ``out`` (batches of 4, no tracker),
+    followed by ``extra``."""
+
+    def args(out, *extra: str) -> list[str]:
+        data = ["--dataset", "Tiny", "--data_dir", str(tiny / "data"), "--backbone", str(tiny / "vit")]
+        batches = ["--cache_dir", str(tiny / "hf_cache"), "--eval_batch_size", "4", "--batch_size", "4"]
+        return [*data, *batches, "--output_dir", str(out), "--report_to", "none", *extra]
+
+    return args

@@ -36,21 +36,19 @@ def _run_lrs(out) -> dict[str, float]:
     return lrs
 
 
-def _dry_run(tiny, out, *extra) -> None:
+def _dry_run(tiny_args, out, *extra) -> None:
     """A dry run of LoRA and the linear probe on the tiny image folder: the rates are checked, not the data."""
-    data = ["--dataset", "Tiny", "--data_dir", str(tiny / "data"), "--backbone", str(tiny / "vit")]
-    data += ["--cache_dir", str(tiny / "hf_cache"), "--batch_size", "4", "--routing_images", "0"]
-    train.main(["--dry_run", "--method", "lora", "probe", "--output_dir", str(out), *data, *extra])
+    train.main(tiny_args(out, "--dry_run", "--method", "lora", "probe", "--routing_images", "0", *extra))
 
 
 @pytest.mark.slow
-def test_the_sweep_trains_each_method_at_its_learning_rate(tiny, tmp_path):
+def test_the_sweep_trains_each_method_at_its_learning_rate(tiny_args, tmp_path):
     # with TensorBoard's hparams (when installed), which take no dicts
-    _dry_run(tiny, tmp_path / "dry", "--method_lr", "lora=5e-4", "--report_to", "tensorboard")
+    _dry_run(tiny_args, tmp_path / "dry", "--method_lr", "lora=5e-4", "--report_to", "tensorboard")
     assert _run_lrs(tmp_path / "dry") == {"lora": 5e-4, "probe": methods.DEFAULT_LR["probe"]}
 
 
 @pytest.mark.slow
-def test_lr_overrides_every_method_lr(tiny, tmp_path):
-    _dry_run(tiny, tmp_path / "dry", "--method_lr", "lora=5e-4", "--lr", "2e-4", "--report_to", "none")
+def test_lr_overrides_every_method_lr(tiny_args, tmp_path):
+    _dry_run(tiny_args, tmp_path / "dry", "--method_lr", "lora=5e-4", "--lr", "2e-4")
     assert _run_lrs(tmp_path / "dry") == {"lora": 2e-4, "probe": 2e-4}

@@ -17,28 +17,6 @@ from recipes.dg.data import seed_hash, split_indices
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def _args(tiny, out, *extra):
-    return [
-        "--dataset",
-        "Tiny",
-        "--data_dir",
-        str(tiny / "data"),
-        "--backbone",
-        str(tiny / "vit"),
-        "--cache_dir",
-        str(tiny / "hf_cache"),
-        "--output_dir",
-        str(out),
-        "--eval_batch_size",
-        "4",
-        "--batch_size",
-        "4",
-        "--report_to",
-        "none",
-        *extra,
-    ]
-
-
 def _script_env():
     return dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=REPO)
 
@@ -55,12 +33,11 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_leave_one_domain_out_end_to_end(tiny, tiny_domain_sizes, tmp_path, one_thread):
+def test_leave_one_domain_out_end_to_end(tiny_args, tiny_domain_sizes, tmp_path, one_thread):
     out = tmp_path / "sweep"
 
     def argv_for(steps):
-        return _args(
-            tiny,
+        return tiny_args(
             out,
             "--method",
             "gnnmoe",
@@ -133,7 +110,7 @@ def test_leave_one_domain_out_end_to_end(tiny, tiny_domain_sizes, tmp_path, one_
 
 
 @pytest.mark.slow
-def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
+def test_resume_after_kill_reaches_the_same_result(tiny_args, tmp_path):
     common = [
         "--method",
         "gnnmoe",
@@ -154,7 +131,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     ]
     script = ["-m", "recipes.dg"]
     ref = subprocess.run(
-        [sys.executable, *script, *_args(tiny, tmp_path / "ref", *common)],
+        [sys.executable, *script, *tiny_args(tmp_path / "ref", *common)],
         env=_script_env(),
         capture_output=True,
         text=True,
@@ -165,7 +142,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     out = tmp_path / "killed"
     run_dir = out / "runs" / "gnnmoe-gat" / "env1_trial0"
     proc = subprocess.Popen(
-        [sys.executable, *script, *_args(tiny, out, *common)],
+        [sys.executable, *script, *tiny_args(out, *common)],
         env=_script_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -183,7 +160,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
     assert 10 <= steps[-1] < 60
 
     resumed = subprocess.run(
-        [sys.executable, *script, *_args(tiny, out, *common), "--resume_from_checkpoint"],
+        [sys.executable, *script, *tiny_args(out, *common), "--resume_from_checkpoint"],
         env=_script_env(),
         capture_output=True,
         text=True,
@@ -202,7 +179,7 @@ def test_resume_after_kill_reaches_the_same_result(tiny, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_count_every_sample_once(tiny, tiny_domain_sizes, tmp_path):
+def test_two_processes_count_every_sample_once(tiny_args, tiny_domain_sizes, tmp_path):
     """DDP over 2 CPU processes (gloo): evaluation counts, and GNN-MoE with 64 experts and top-1 routing (most experts
     get no token in a micro-batch) trains without DDP's unused-parameter error."""
     out = tmp_path / "ddp"
@@ -223,8 +200,7 @@ def test_two_processes_count_every_sample_once(tiny, tiny_domain_sizes, tmp_path
         "no",
         "-m",
         "recipes.dg",
-        *_args(
-            tiny,
+        *tiny_args(
             out,
             "--method",
             "gnnmoe",
@@ -269,13 +245,13 @@ def test_two_processes_count_every_sample_once(tiny, tiny_domain_sizes, tmp_path
 
 
 @pytest.mark.slow
-def test_compare_pairs_runs_of_several_output_folders(tiny, tiny_domain_sizes, tmp_path, one_thread):
+def test_compare_pairs_runs_of_several_output_folders(tiny_args, tiny_domain_sizes, tmp_path, one_thread):
     from recipes.dg import compare
 
     common = ["--router", "gcn", "--max_steps", "2", "--eval_every", "2", "--seeds", "0", "1"]
     common += ["--routing_images", "0", "--jobs", "1"]
-    train.main(_args(tiny, tmp_path / "a", "--method", "gnnmoe", "lora", *common))
-    train.main(_args(tiny, tmp_path / "b", "--method", "gnnmoe", "--graph", "radius", *common))
+    train.main(tiny_args(tmp_path / "a", "--method", "gnnmoe", "lora", *common))
+    train.main(tiny_args(tmp_path / "b", "--method", "gnnmoe", "--graph", "radius", *common))
     specs = [f"knn+grid={tmp_path / 'a'}:gnnmoe-gcn", f"radius={tmp_path / 'b'}", f"lora={tmp_path / 'a'}:lora"]
     table = compare.main([*specs, "--output", str(tmp_path / "cmp")])
     assert list(table["methods"]) == ["knn+grid", "radius", "lora"]
