@@ -32,16 +32,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _every_core_for_real_weights(request: pytest.FixtureRequest):
-    """A test that loads real weights gets a thread per core under pytest-xdist too: the AVSR real tier's bfloat16
-    training ran more than 1.5x slower on one thread (measured: an asr + avsr run, over 8 min against 5.5 min)."""
-    if request.node.get_closest_marker("real_weights") is None:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)
+def _fresh_accelerate_state():
+    """Every test starts without accelerate's process-wide state. An ``Accelerator()`` made without
+    ``mixed_precision`` takes an earlier one's: a docs page's TRL ``SFTTrainer`` (bf16 on CPUs) left bf16 autocast to
+    every later test of its pytest-xdist worker, which ran the DG real tier's dry run 7x slower and broke the
+    accumulation tests' 1e-5 tolerance."""
     yield
-    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()  # the process group (PartialState) stays: tests that set one up tear it down
+    GradientState._reset_state()
 
 
 def pytest_configure(config: pytest.Config) -> None:

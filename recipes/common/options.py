@@ -10,6 +10,7 @@ makes each one a hidden alias of its new option that warns once, naming the new 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -36,6 +37,17 @@ DEPRECATED_SPELLINGS = {
 REMOVED_IN = "0.3.0"  # the next minor release
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")  # accelerate's
 REPORT_TO_CHOICES = ("none", "tensorboard")  # the trackers the recipes are tested with (accelerate's names)
+
+
+def mixed_precision(requested: str | None) -> str:
+    """The precision a run's ``Accelerator`` gets: ``--mixed_precision``, else the launcher's
+    (``ACCELERATE_MIXED_PRECISION``, which ``accelerate launch`` sets), else ``"no"``.
+
+    The recipes always pass it explicitly. accelerate keeps one state per process, and an ``Accelerator()`` made
+    without ``mixed_precision`` silently takes an earlier one's (a TRL ``SFTTrainer`` made before in the same process
+    leaves bf16 where the CPU supports it); given a value, accelerate refuses the mismatch instead.
+    """
+    return requested or os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
 
 def _outside_argparse() -> int:

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from peft_gnnmoe.tuners.gnnmoe.routing_figure import plot_expert_assignments
 
 from ..common.checkpoints import load_checkpoint, save_checkpoint
+from ..common.options import mixed_precision
 from . import methods, parallel, report
 from .batches import StepBatchSampler, augment, collate, normalize
-from .config import DGRunConfig
+from .config import DRY_RUN_EVAL_IMAGES, DGRunConfig
 from .data import image_list_digest, load_domains, make_split, seed_hash, skipped_images
 from .evaluation import evaluate, model_device
 from .resume import check_resumable, resume_point, write_args_json
@@ -69,7 +70,7 @@ class Sweep:
         # Parameter per layer, so every parameter still takes part in backward and DDP needs no
         # find_unused_parameters (tests/recipes/dg/test_recipe.py trains 64 experts with top-1 routing on 2 processes).
         self.acc = Accelerator(
-            mixed_precision=execution.mixed_precision,
+            mixed_precision=mixed_precision(execution.mixed_precision),
             gradient_accumulation_steps=execution.gradient_accumulation_steps,
             log_with=trackers,
             project_dir=execution.output_dir,
@@ -344,6 +345,8 @@ class Sweep:
         return model(pixel_values=normalize(x, self.mean, self.std), labels=labels).loss
 
     def _loader(self, subset: Subset):
+        if self.cfg.execution.dry_run:  # a set-up check: the first images of each split show that evaluation runs
+            subset = Subset(subset, range(min(len(subset), DRY_RUN_EVAL_IMAGES)))
         loader = DataLoader(
             subset,
             batch_size=self.cfg.execution.eval_batch_size,

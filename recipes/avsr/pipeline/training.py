@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from recipes.common.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from recipes.common.options import mixed_precision
 
 from .config.train import TrainConfig
 from .evaluation import validation_loss
@@ -27,8 +28,11 @@ def make_accelerator(config: TrainConfig | None = None, project_dir: str | Path 
     """
     config = config or TrainConfig()
     trackers = {} if config.report_to == "none" else {"log_with": config.report_to, "project_dir": project_dir}
-    precision = {"mixed_precision": config.mixed_precision} if config.mixed_precision else {}
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps, **precision, **trackers)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=mixed_precision(config.mixed_precision),
+        **trackers,
+    )
     if trackers:
         accelerator.init_trackers("avsr", config={"report_to": config.report_to})
     register_trainable_checkpointing(accelerator)

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from recipes.common.checkpoints import checkpoint_dirs, load_checkpoint, resolve_resume, save_checkpoint
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def accelerator():
     return Accelerator(cpu=True)
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from recipes.common.options import DEPRECATED_SPELLINGS, SHARED_OPTIONS, add_deprecated_spellings
+from recipes.common.options import DEPRECATED_SPELLINGS, SHARED_OPTIONS, add_deprecated_spellings, mixed_precision
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,3 +55,30 @@ def test_old_spellings_are_hidden_and_added_only_for_options_the_parser_has():
 def test_every_old_spelling_maps_to_a_shared_option():
     assert set(DEPRECATED_SPELLINGS.values()) <= set(SHARED_OPTIONS)
     assert not set(DEPRECATED_SPELLINGS) & set(SHARED_OPTIONS)
+
+
+def test_the_precision_is_the_flag_else_the_launchers_else_none(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert mixed_precision(None) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "BF16")  # as `accelerate launch --mixed_precision` sets it
+    assert mixed_precision(None) == "bf16"
+    assert mixed_precision("fp16") == "fp16"
+
+
+def test_a_recipe_refuses_the_precision_an_earlier_accelerator_left(monkeypatch, tmp_path):
+    """accelerate's state is one per process: a plain ``Accelerator()`` after a bf16 one (a TRL SFTTrainer's default
+    on CPUs) would run in bf16. The recipes' Accelerator asks for its precision, so accelerate refuses instead."""
+    from accelerate import Accelerator
+
+    from recipes.avsr.pipeline.config.train import TrainConfig
+    from recipes.avsr.pipeline.training import make_accelerator
+    from recipes.dg import train
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
+    assert Accelerator(cpu=True).mixed_precision == "bf16"  # what the recipes did before: a setting quietly lost
+    with pytest.raises(ValueError, match="already been initialized"):
+        make_accelerator(TrainConfig())
+    with pytest.raises(ValueError, match="already been initialized"):  # the Accelerator comes before any data
+        train.main(["--output_dir", str(tmp_path / "dg"), "--report_to", "none", "--jobs", "1"])
+    assert make_accelerator(TrainConfig(mixed_precision="bf16")).mixed_precision == "bf16"
