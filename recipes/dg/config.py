@@ -40,6 +40,7 @@ TIERS: dict[str, dict] = {
         "lokr_r": 16,  # LoKr's largest here: PEFT keeps w2 full once r reaches its size (17.7K for any r >= 16)
     },
 }
+DRY_RUN_EVAL_IMAGES = 32  # --dry_run evaluates this many images of each split (the first ones)
 # old field names -> new, as args.json files of sweeps started with 0.2.0 or earlier spell them (read on resume)
 LEGACY_NAMES = {"steps": "max_steps", "trial_seeds": "seeds"}
 

@@ -35,7 +35,7 @@ from recipes.common.options import (
 )
 
 from . import methods
-from .config import EMBEDDED_BACKBONE, HUB_BACKBONE, REAL_BACKBONE, TIERS, DGRunConfig, resolve
+from .config import DRY_RUN_EVAL_IMAGES, EMBEDDED_BACKBONE, HUB_BACKBONE, REAL_BACKBONE, TIERS, DGRunConfig, resolve
 from .data import DATASETS, EMBEDDED
 from .parallel import parse_shard
 from .sweep import Sweep
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry_run",
         action="store_true",
-        help="Check the set-up: one trial seed, one held-out domain, 2 steps per method, one evaluation.",
+        help="Check the set-up: one trial seed, one held-out domain, 2 steps per method, one evaluation "
+        f"on the first {DRY_RUN_EVAL_IMAGES} images of each split.",
     )
     d = p.add_argument_group("data")
     d.add_argument(

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from peft_gnnmoe import get_expert_assignments
-from recipes.dg import methods, train
+from recipes.dg import config, methods, train
 
 CLASSES = ["circle", "square"]
 
@@ -123,7 +123,8 @@ def test_real_preset_loads_at_112_px_with_4_blocks():
 def test_real_tier_dry_run(tmp_path):
     preset = _real_backbone_or_skip()
     out = tmp_path / "dry"
-    table = train.main(["--tier", "real", "--dry_run", "--output_dir", str(out), "--report_to", "none"])
+    argv = ["--tier", "real", "--dry_run", "--output_dir", str(out), "--report_to", "none"]
+    table = train.main([*argv, "--jobs", "1"])  # one process builds the 84 px digits once (--jobs: test_parallel.py)
     assert sorted(table["methods"]) == sorted(methods.expand_methods(train.TIERS["real"]["method"], ["gcn"]))
     with open(out / "args.json") as f:
         protocol = json.load(f)["protocol"]
@@ -131,6 +132,11 @@ def test_real_tier_dry_run(tmp_path):
     assert protocol["num_blocks"] == train.TIERS["real"]["num_blocks"]
     assert protocol["image_size"] == train.TIERS["real"]["image_size"]
     assert protocol["max_steps"] == 2
+    results = [json.loads(p.read_text()) for p in (out / "runs").glob("*/*/result.json")]
+    assert len(results) == len(table["methods"])
+    for result in results:  # one evaluation, on the first images of each split (4 domains: 3 validation + 1 test)
+        (record,) = result["records"]
+        assert [v for k, v in record.items() if k.endswith("_n")] == [config.DRY_RUN_EVAL_IMAGES] * 4
 
 
 def test_real_tier_sets_defaults_and_explicit_flags_win():
