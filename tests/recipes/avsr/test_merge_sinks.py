@@ -10,6 +10,8 @@ from recipes.avsr.experiments.options import parse_experiment
 from recipes.avsr.experiments.sinks import ENTRY, refuse_dropping_other_seeds
 from recipes.avsr.experiments.sinks import main as sinks
 
+pytestmark = pytest.mark.xdist_group("merge_sinks")  # one worker makes the module's sink runs once
+
 
 @pytest.fixture(scope="module")
 def sink_run(small, prepare_run):
