@@ -113,6 +113,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> N
     One thread, because libx264 otherwise picks its thread count from the CPUs this process may use, and the
     bitstream depends on it: 160 px frames were cut into one slice per CPU, so the same frames decoded to other
     pixels under another CPU count. The corpus's 48 px frames (and 96 px ones) got one thread anyway: same bytes.
+
+    Without x264's assembly (``asm=0``, its portable C code): on an AVX-512 CPU its assembly encoded the same frames
+    to other bytes from one call to the next, depending on what the process had allocated before (memory read but
+    never written), so two builds of a corpus differed; the C code gives the same bytes every time, on any CPU.
     """
     import av
 
@@ -120,7 +124,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = VIDEO_FPS) -> N
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.options = {"crf": "12", "preset": "veryfast", "x264-params": "asm=0"}
         stream.codec_context.thread_count = 1
         for img in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="gray")):
