@@ -1,4 +1,4 @@
-"""What GNN-MoE costs users against PEFT LoRA (and LoKr): training step and inference, three settings, one command.
+"""What GNN-MoE costs users against PEFT LoRA (and LoKr): training step and inference, four settings, one command.
 
 Settings (random inputs; the ViT shapes are randomly initialised):
 
@@ -7,6 +7,9 @@ Settings (random inputs; the ViT shapes are randomly initialised):
 * ``vits``: ViT-S/16 shape (384 wide, 4 blocks, 224 px), batch 8, q/k/v/o/fc1/fc2, LoRA r=8 vs the default config.
 * ``vitb``: ViT-B/16 shape (768 wide, 4 blocks, 224 px), batch 8, q/k/v, LoRA r=8 and PEFT LoKr r=8 vs the
   param-matched budget config (``GNNMOE_BUDGET``; ``router_hidden=8`` for SAGE, which has two Linears).
+* ``scaling``: expert scaling on the ViT-S/16 shape (4 blocks, 224 px, batch 8, q/k/v), LoRA r=8 vs the default
+  config (GCN, top-2) with 4, 8, 16 and 32 experts, each as the tuner picks its order (``expert_dispatch="auto"``)
+  and with every expert on every token (``"dense"``, variants ``...-dense``).
 
 Timing: a training step (forward + backward + AdamW step, train mode) and inference (eval forward under
 ``torch.inference_mode()``). All variants of a setting live in one process and are timed round-robin (the order
@@ -53,7 +56,9 @@ SETTINGS = {
     "tiny": dict(width=None, layers=None, image=28, batch=24, targets=QKV, lora_r=4, lokr=False, budget=False),
     "vits": dict(width=384, layers=4, image=224, batch=8, targets=ALL_LINEAR, lora_r=8, lokr=False, budget=False),
     "vitb": dict(width=768, layers=4, image=224, batch=8, targets=QKV, lora_r=8, lokr=True, budget=True),
+    "scaling": dict(width=384, layers=4, image=224, batch=8, targets=QKV, lora_r=8, lokr=False, budget=False),
 }
+SCALING_EXPERTS = (4, 8, 16, 32)  # the ``scaling`` setting's expert counts (top-2 each)
 QUICK = dict(layers=1, batch=2)  # --quick: the ViT shapes get one block; every batch is 2
 
 
@@ -72,6 +77,8 @@ def setting(name: str, quick: bool) -> dict:
 
 
 def variants(name: str, chosen_routers: list[str]) -> list[str]:
+    if name == "scaling":
+        return ["lora"] + [f"gnnmoe-gcn-e{e}{mode}" for e in SCALING_EXPERTS for mode in ("", "-dense")]
     return ["lora"] + (["lokr"] if SETTINGS[name]["lokr"] else []) + [f"gnnmoe-{r}" for r in chosen_routers]
 
 
@@ -103,7 +110,12 @@ def peft_config(variant: str, s: dict):
         return LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], **common)
     if variant == "lokr":
         return LoKrConfig(r=8, alpha=16, **common)
-    router = variant.removeprefix("gnnmoe-")
+    router, *options = variant.removeprefix("gnnmoe-").split("-")  # e.g. gcn, gcn-e16, gcn-e16-dense
+    for option in options:
+        if option == "dense":
+            common["expert_dispatch"] = "dense"
+        else:
+            common["num_experts"] = int(option.removeprefix("e"))
     if not s["budget"]:
         return GNNMoEConfig(router=router, **common)
     budget = dict(GNNMOE_BUDGET, router_hidden=8) if router == "sage" else GNNMOE_BUDGET

@@ -56,3 +56,28 @@ def test_quick_run_in_bfloat16_on_cpu(tmp_path):
     assert result["config"]["dtype"] == "bf16"
     assert result["rows"][1]["train_step_s"] > 0
     assert "bf16" in stdout
+
+
+def test_expert_scaling_variants_set_the_experts_and_the_dispatch():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_gnnmoe
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    names = bench_gnnmoe.variants("scaling", ["gcn"])
+    assert names[0] == "lora" and len(names) == 1 + 2 * len(bench_gnnmoe.SCALING_EXPERTS)
+    config = bench_gnnmoe.peft_config("gnnmoe-gcn-e16-dense", bench_gnnmoe.setting("scaling", quick=True))
+    assert (config.router, config.num_experts, config.expert_dispatch, config.top_k) == ("gcn", 16, "dense", 2)
+    assert bench_gnnmoe.peft_config("gnnmoe-gcn-e32", bench_gnnmoe.SETTINGS["scaling"]).expert_dispatch == "auto"
+
+
+@pytest.mark.slow
+def test_kron_orders_quick_run_times_both_orders(tmp_path):
+    output = tmp_path / "orders.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    script = ROOT / "benchmarks" / "bench_kron_orders.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--output", str(output)], check=True, env=env)
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["num_experts"], r["top_k"]) for r in rows] == [(4, 1), (8, 2)]
+    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    assert [r["auto_takes"] for r in rows] == ["sparse", "dense"]

@@ -59,6 +59,16 @@ def _gnnmoe() -> PeftModel:
     return get_peft_model(_vit(), config).train()
 
 
+def _gnnmoe_sparse() -> PeftModel:
+    # each expert on its own tokens; 64 experts, top-1, 34 tokens a rank: most experts get no token and must still
+    # get a (zero) gradient, or DDP would wait for it
+    config = GNNMoEConfig(
+        init_weights=False, router_noise_std=0.0, balance_loss_weight=5.0, z_loss_weight=1.0,
+        modules_to_save=["classifier"], num_experts=64, top_k=1, expert_dispatch="sparse",
+    )  # fmt: skip
+    return get_peft_model(_vit(), config).train()
+
+
 def _images() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
     return {
@@ -107,6 +117,7 @@ def _decorrelation_loss(model: PeftModel, output) -> torch.Tensor:
 # name: (adapted model, base model, batch, the tuner's extra loss term of the last forward)
 TUNERS = {
     "gnnmoe": (_gnnmoe, _vit, _images, _aux_loss),
+    "gnnmoe_sparse": (_gnnmoe_sparse, _vit, _images, _aux_loss),
     "sink_decorrelation": (_sink, _llama, _tokens, _decorrelation_loss),
 }
 
@@ -240,3 +251,12 @@ def test_saved_full_state_dict_reloads_to_the_sharded_outputs(fsdp_run, tuner):
     with torch.no_grad():
         logits = model(**{k: v for k, v in make_batch().items() if k != "labels"}).logits
     torch.testing.assert_close(logits, results[tuner]["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_sparse_run_has_experts_without_tokens():
+    """What the ``gnnmoe_sparse`` run checks: experts that get no token of a rank's batch and still no unused
+    parameters for DDP (its training would stop with an error otherwise)."""
+    model = _gnnmoe_sparse()
+    model(**{key: value.chunk(WORLD_SIZE)[0] for key, value in _images().items()})
+    loads = [r.load for router in model.base_model.active_routers().values() for r in router.routings]
+    assert loads and all(bool((load == 0).any()) for load in loads)

@@ -20,6 +20,7 @@ TOKEN_ROUTER_TYPES = ("linear",)  # per-token routers without message passing (t
 GRAPH_MODES = ("knn", "grid", "knn+grid", "grid8", "knn+grid8", "radius", "full")
 PREFIX_MODES = ("connect", "isolated")
 BALANCE_LOSSES = ("squared_mean", "switch")
+EXPERT_DISPATCH = ("auto", "sparse", "dense")
 
 _FLOAT_FIELDS = (
     "router_dropout",
@@ -76,6 +77,15 @@ class GNNMoEConfig(PeftConfig):
     top_k: int = field(
         default=2,
         metadata={"help": "Experts used per token; their weights are renormalised. top_k == num_experts is dense."},
+    )
+    expert_dispatch: Literal["auto", "sparse", "dense"] = field(
+        default="auto",
+        metadata={
+            "help": "How tokens meet their experts: 'sparse' runs each expert on the tokens routed to it (cost grows "
+            "with top_k), 'dense' runs every expert on every token and zeroes the unchosen ones (cost grows with "
+            "num_experts; fewer, larger kernels), 'auto' picks per layer from its shape, top_k and num_experts. "
+            "The results are equal; only speed and memory differ."
+        },
     )
     kron_factor: int = field(
         default=4,
@@ -234,6 +244,7 @@ class GNNMoEConfig(PeftConfig):
         choice("graph", GRAPH_MODES)
         choice("prefix_tokens", PREFIX_MODES)
         choice("balance_loss", BALANCE_LOSSES)
+        choice("expert_dispatch", EXPERT_DISPATCH)
         if self.router == "gat" and self.router_hidden % self.router_heads != 0:
             raise ValueError(
                 f"GNNMoEConfig.router_hidden={self.router_hidden} is not divisible by router_heads="

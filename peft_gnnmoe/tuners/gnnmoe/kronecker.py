@@ -61,22 +61,39 @@ FOLD_MAX_NUMEL = 2**16
 # Form the dense expert weights (E * in_features * out_features numbers) when they are at most this big and cost no
 # more multiply-adds per token than the folded order.
 DENSE_MAX_NUMEL = 2**16
+# The sparse order (sparse.py) is taken from this many experts per chosen one (4 with top_k = 1). Measured by
+# benchmarks/bench_kron_orders.py on 64- to 768-wide layers (docs/results/benchmarks.md): with 8 per choice it took
+# 0.19-0.65x the dense order's time; with 4 per choice 0.65-1.04x at top-1 and 0.77-0.99x at top-2 (each chosen
+# expert's output is materialised, where the dense orders sum the experts inside one matmul); with 2, 1.31-4.26x.
+SPARSE_EXPERTS_PER_CHOICE = 8
+SPARSE_EXPERTS_TOP_1 = 4
 
 
-def kron_path(in_features: int, out_features: int, num_experts: int, factor: int, rank: int) -> str:
-    """The contraction order ``kron_moe_forward`` takes for a layer: ``"dense"``, ``"folded"`` or ``"blocked"``.
+def kron_path(
+    in_features: int, out_features: int, num_experts: int, factor: int, rank: int, top_k: int | None = None
+) -> str:
+    """The order a layer's experts run in: ``"dense"``, ``"folded"`` or ``"blocked"`` (every expert on every token,
+    ``kron_moe_forward``), or, given ``top_k``, ``"sparse"`` (each expert on its own tokens, ``sparse.py``).
 
     Per token, the dense order costs ``E in out`` multiply-adds, the folded one ``E n r (n in + out)``, the blocked one
     ``E n r (in + out + n²)`` in more, smaller kernels. Dense and folded are taken on narrow layers only (their
-    weight-only tensors stay below ``DENSE_MAX_NUMEL`` / ``FOLD_MAX_NUMEL`` numbers).
+    weight-only tensors stay below ``DENSE_MAX_NUMEL`` / ``FOLD_MAX_NUMEL`` numbers). The sparse order does the
+    blocked order's work for ``top_k`` experts instead of ``E``, plus grouping the tokens and adding their outputs
+    back; it is taken where it measured faster, from ``SPARSE_EXPERTS_PER_CHOICE`` experts per chosen one.
     """
     dense_macs = in_features * out_features
     folded_macs = factor * rank * (factor * in_features + out_features)
     if num_experts * in_features * out_features <= DENSE_MAX_NUMEL and dense_macs <= folded_macs:
-        return "dense"
-    if in_features * num_experts * factor * factor * rank <= FOLD_MAX_NUMEL:
-        return "folded"
-    return "blocked"
+        path = "dense"
+    elif in_features * num_experts * factor * factor * rank <= FOLD_MAX_NUMEL:
+        path = "folded"
+    else:
+        path = "blocked"
+    if top_k is not None and num_experts >= (
+        SPARSE_EXPERTS_TOP_1 if top_k == 1 else top_k * SPARSE_EXPERTS_PER_CHOICE
+    ):
+        return "sparse"
+    return path
 
 
 def kron_moe_forward(

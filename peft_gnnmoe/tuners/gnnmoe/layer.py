@@ -12,6 +12,7 @@ from torch import nn
 from .config import GNNMoEConfig
 from .kronecker import gate_tokens, init_kron_experts, kron_moe_forward, kron_path
 from .router import GraphRouter
+from .sparse import dispatch_tokens, kron_moe_forward_sparse
 
 _MERGE_ERROR = (
     "GNN-MoE adapters cannot be merged into the base weights: each token's update depends on its routing, which is "
@@ -59,7 +60,7 @@ class GNNMoELayer(BaseTunerLayer):
         "gnnmoe_bias",
         "gnnmoe_router",
     )
-    other_param_names: tuple[str, ...] = ("gnnmoe_router_ref", "gnnmoe_dropout")
+    other_param_names: tuple[str, ...] = ("gnnmoe_router_ref", "gnnmoe_dropout", "gnnmoe_dispatch")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -70,6 +71,7 @@ class GNNMoELayer(BaseTunerLayer):
         self.gnnmoe_router = nn.ModuleDict({})
         self.gnnmoe_dropout = nn.ModuleDict({})
         self.gnnmoe_router_ref: dict[str, GraphRouter] = {}
+        self.gnnmoe_dispatch: dict[str, str] = {}  # GNNMoEConfig.expert_dispatch of every adapter
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -96,6 +98,7 @@ class GNNMoELayer(BaseTunerLayer):
         self.gnnmoe_dropout[adapter_name] = (
             nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
         )
+        self.gnnmoe_dispatch[adapter_name] = config.expert_dispatch
         if shared_router is None:
             shared_router = make_router(self.in_features, config)
             self.gnnmoe_router[adapter_name] = shared_router
@@ -166,20 +169,25 @@ class Linear(nn.Module, GNNMoELayer):
         routing = router(tokens, rows)
         selected = tokens if rows is None else tokens[rows]
         x = self.gnnmoe_dropout[adapter](selected.to(left.dtype))
-        gated = None
+        experts = (self.gnnmoe_rules[adapter], left, self.gnnmoe_right[adapter], self.gnnmoe_bias.get(adapter))
         num_experts, factor, _, rank = left.shape
-        if kron_path(self.in_features, self.out_features, num_experts, factor, rank) == "dense":
-            # the gated tokens depend on the input and the routing only: q, k and v compute them once
-            gated = router.shared(routing, x, lambda: gate_tokens(x, routing.gates))
-        return kron_moe_forward(
-            x,
-            routing.gates,
-            self.gnnmoe_rules[adapter],
-            left,
-            self.gnnmoe_right[adapter],
-            self.gnnmoe_bias[adapter] if adapter in self.gnnmoe_bias else None,
-            gated,
-        )
+        top_k = routing.topk_index.shape[-1]
+        path = self.expert_path(adapter, num_experts, factor, rank, top_k)
+        # what depends on the input and the routing only is computed once for the layers that share both (q, k, v)
+        if path == "sparse":
+            flat, index = x.reshape(-1, x.shape[-1]), routing.topk_index.reshape(-1, top_k)
+            dispatch = router.shared(routing, x, "dispatch", lambda: dispatch_tokens(flat, index, num_experts))
+            return kron_moe_forward_sparse(x, routing.gates, routing.topk_index, *experts, dispatch)
+        gated = router.shared(routing, x, "gated", lambda: gate_tokens(x, routing.gates)) if path == "dense" else None
+        return kron_moe_forward(x, routing.gates, *experts, gated)
+
+    def expert_path(self, adapter: str, num_experts: int, factor: int, rank: int, top_k: int) -> str:
+        """The order the experts of ``adapter`` run in: ``"sparse"`` or one of the dense orders (``kron_path``)."""
+        setting = self.gnnmoe_dispatch.get(adapter, "auto")
+        if setting == "sparse":
+            return "sparse"
+        chosen = top_k if setting == "auto" else None
+        return kron_path(self.in_features, self.out_features, num_experts, factor, rank, chosen)
 
     def _mixed_batch_forward(
         self, tokens: torch.Tensor, result: torch.Tensor, adapter_names: list[str]

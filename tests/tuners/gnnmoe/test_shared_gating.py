@@ -62,7 +62,7 @@ def test_shared_gated_tokens_give_the_gradients_of_separate_ones(make_vit, image
     model.zero_grad()
     for module in model.modules():  # every call gets a fresh list: nothing is shared
         if hasattr(module, "_shared") and isinstance(module._shared, list):
-            module.shared = lambda routing, tokens, build: build()
+            module.shared = lambda routing, tokens, kind, build: build()
     model(pixel_values=images.double(), labels=labels).loss.backward()
     assert shared
     for name, param in model.named_parameters():
