@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseSAGEConv
+from torch_geometric.nn.dense import DenseGCNConv, DenseSAGEConv
 
+from .gat import LeanDenseGATConv
 from .graph import TokenLayout, infer_layout, needs_grid, token_adjacency
 
 
@@ -64,7 +65,7 @@ def _make_conv(kind: str, in_features: int, out_features: int, heads: int) -> nn
     if kind == "gcn":
         return DenseGCNConv(in_features, out_features)
     if kind == "gat":
-        return DenseGATConv(in_features, out_features // heads, heads=heads, concat=True)
+        return LeanDenseGATConv(in_features, out_features // heads, heads=heads, concat=True)
     if kind == "sage":
         return DenseSAGEConv(in_features, out_features)
     if kind == "linear":
