@@ -182,3 +182,21 @@ def test_the_setting_is_saved_with_the_adapter(make_vit, tmp_path):
 def test_an_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="expert_dispatch"):
         GNNMoEConfig(expert_dispatch="grouped")
+
+
+def test_inference_mode_and_a_copy_give_the_dense_model(make_vit, images):
+    """Evaluation as users run it: ``torch.inference_mode()`` (GAT's own attention function too) and a deep copy."""
+    import copy
+
+    model = get_peft_model(make_vit().double(), _vit_config(router="gat", num_experts=16, top_k=2)).eval()
+    pixels = images.double()
+    _set_dispatch(model, "dense")
+    with torch.no_grad():
+        dense = model(pixel_values=pixels).logits
+    _set_dispatch(model, "sparse")
+    with torch.inference_mode():
+        sparse = model(pixel_values=pixels).logits
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-10)
+    with torch.inference_mode():
+        copied = copy.deepcopy(model)(pixel_values=pixels).logits
+    torch.testing.assert_close(copied, dense, rtol=1e-10, atol=1e-10)

@@ -36,10 +36,10 @@ def _relative_difference(grads: dict, reference: dict) -> float:
     return (diff / torch.cat([g.flatten() for g in reference.values()]).norm()).item()
 
 
-def _trainer_gradients(make_vit, tmp_path, accumulation: int) -> dict[str, torch.Tensor]:
-    model = get_peft_model(make_vit(seed=0), GNNMoEConfig(**AUX_CONFIG))
+def _trainer_gradients(make_vit, tmp_path, accumulation: int, **config) -> dict[str, torch.Tensor]:
+    model = get_peft_model(make_vit(seed=0), GNNMoEConfig(**AUX_CONFIG, **config))
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"k{accumulation}"),
+        output_dir=str(tmp_path / f"k{accumulation}-{config.get('expert_dispatch', 'auto')}"),
         per_device_train_batch_size=8 // accumulation,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -64,6 +64,12 @@ def test_trainer_gradient_accumulation_gives_the_same_first_step_gradients(make_
     for accumulation in (2, 4):
         grads = _trainer_gradients(make_vit, tmp_path, accumulation)
         assert _relative_difference(grads, reference) <= 1e-5, accumulation
+
+
+def test_trainer_gradient_accumulation_with_sparse_dispatch(make_vit, tmp_path):
+    sparse = dict(num_experts=16, expert_dispatch="sparse")
+    reference = _trainer_gradients(make_vit, tmp_path, 1, **sparse)
+    assert _relative_difference(_trainer_gradients(make_vit, tmp_path, 2, **sparse), reference) <= 1e-5
 
 
 class PaddedText(Dataset):
