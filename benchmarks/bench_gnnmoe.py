@@ -19,9 +19,13 @@ Work: the floating-point operations of one training step and of one inference ca
 ``torch.utils.flop_counter.FlopCounterMode`` on the eager model (matmul-family ops, attention and convolutions; not
 elementwise ops, ``topk`` or the optimizer). Their ratio to LoRA's is the floor of the time ratio for kernels that
 run equally fast: no implementation of the same computation gets below it.
-Peak memory: every variant runs one warm-up and one training step in its own subprocess; on CPU the figure is the peak
-resident set size (``VmHWM``, reset just before the first step) minus the resident size before it, on CUDA
-``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
+Peak memory: every variant runs one warm-up and one training step in its own subprocess. The figure is the peak of the
+bytes held by tensors, counted from before the first step: on CUDA ``torch.cuda.max_memory_allocated`` minus the
+allocation before, on CPU the running sum of the allocations and frees ``torch.profiler`` records
+(``profile_memory=True``). On CPU the table also gives the peak resident set size (``VmHWM``, reset just before the
+first step, minus the resident size then; measured on a first copy of the model, without the profiler): it also
+counts what the first step loads once (library code pages, kernel caches) and what the allocator keeps, about 230 MB
+of LoRA's 390 MB on the ViT-S/16 shape, so its ratios understate the tensors' difference.
 
     PYTHONPATH=. python benchmarks/bench_gnnmoe.py             # everything (several minutes on 2 cores)
     python benchmarks/bench_gnnmoe.py --quick                  # smoke run: 1 block, tiny batches, 2 repeats
@@ -179,24 +183,46 @@ def _peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
+def _cpu_tensor_peak_bytes(v: Variant) -> int:
+    """The peak of the bytes held by tensors over ``v``'s warm-up and one training step, counted from before the first
+    (the allocations and frees the profiler records, in time order): CPU's ``torch.cuda.max_memory_allocated``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        v.train_step()
+        v.train_step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
 def peak_memory_worker(name: str, s: dict, device: str, dtype: torch.dtype, compile: bool = False) -> dict:
-    """In a fresh process: the memory one training step adds (warm-up + one step), in MB."""
+    """In a fresh process: the memory one training step adds (warm-up + one step), in MB: the peak of the tensors it
+    allocates (``peak_extra_mb``) and, on CPU, of the resident set (``peak_rss_extra_mb``, from a first copy of the
+    model, before the profiler runs)."""
     v = Variant(name, s, device, dtype, compile)
     if device.startswith("cuda"):
         _sync(device)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        before = _rss_bytes()
+        v.train_step()
+        v.train_step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - before
+        return {"variant": name, "peak_extra_mb": max(peak, 0) / 2**20, "peak_rss_extra_mb": None}
+    _reset_peak_rss()
+    before = _rss_bytes()
     v.train_step()
     v.train_step()
-    _sync(device)
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = _peak_rss_bytes()
-    return {"variant": name, "peak_extra_mb": max(peak - before, 0) / 2**20}
+    rss = max(_peak_rss_bytes() - before, 0) / 2**20
+    del v
+    peak = _cpu_tensor_peak_bytes(Variant(name, s, device, dtype, compile))
+    return {"variant": name, "peak_extra_mb": peak / 2**20, "peak_rss_extra_mb": rss}
 
 
 def count_flops(v: Variant) -> dict[str, int]:
@@ -242,7 +268,7 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
             cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
             cmd += ["--compile"] if args.compile else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            memory[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+            memory[v] = json.loads(out.stdout.strip().splitlines()[-1])
     models = [Variant(v, s, args.device, dtype, args.compile) for v in names]
     train = time_round_robin(models, "train_step", args.repeats, args.device)
     infer = time_round_robin(models, "infer", args.repeats, args.device)
@@ -255,7 +281,8 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
             "trainable_params": m.trainable_adapter,
             "train_step_s": train[m.name],
             "inference_s": infer[m.name],
-            "peak_extra_mb": memory.get(m.name),
+            "peak_extra_mb": memory.get(m.name, {}).get("peak_extra_mb"),
+            "peak_rss_extra_mb": memory.get(m.name, {}).get("peak_rss_extra_mb"),
             "train_gflop": flops["train_step"] / 1e9,
             "inference_gflop": flops["infer"] / 1e9,
         }
@@ -269,6 +296,8 @@ def run_setting(name: str, args: argparse.Namespace, dtype: torch.dtype) -> list
         row["inference_flops_vs_lora"] = row["inference_gflop"] / lora["inference_gflop"]
         if args.memory:
             row["memory_vs_lora"] = row["peak_extra_mb"] / lora["peak_extra_mb"]
+            if lora["peak_rss_extra_mb"]:
+                row["rss_vs_lora"] = row["peak_rss_extra_mb"] / lora["peak_rss_extra_mb"]
     return rows
 
 
@@ -278,11 +307,15 @@ def print_table(name: str, s: dict, rows: list[dict]) -> None:
     print(f"\n**{name}**: {shape}{blocks}, {s['image']} px, batch {s['batch']}, targets {'/'.join(s['targets'])}")
     print(
         "\n| variant | adapter params | train step ms | × LoRA | train GFLOP | × LoRA | inference ms | × LoRA "
-        "| inference GFLOP | × LoRA | peak extra MB | × LoRA |"
+        "| inference GFLOP | × LoRA | peak extra MB | × LoRA | peak RSS MB | × LoRA |"
     )
-    print("|---|" + "---:|" * 11)
+    print("|---|" + "---:|" * 13)
     for r in rows:
         mem = "n/a | n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f} | {r['memory_vs_lora']:.2f}"
+        if r["peak_rss_extra_mb"] is None:
+            mem += " | n/a | n/a"
+        else:
+            mem += f" | {r['peak_rss_extra_mb']:.0f} | {r['rss_vs_lora']:.2f}"
         print(
             f"| {r['variant']} | {r['trainable_params']:,} | {r['train_step_s'] * 1e3:.1f} | {r['train_vs_lora']:.2f} "
             f"| {r['train_gflop']:.2f} | {r['train_flops_vs_lora']:.2f} | {r['inference_s'] * 1e3:.1f} "
@@ -332,8 +365,10 @@ def main() -> None:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"}
     result = {
         "config": config | {"gnnmoe_budget": GNNMOE_BUDGET, "torch": torch.__version__},
-        "memory_method": "own subprocess per variant; CPU: VmHWM (reset before the first step) minus RSS then; "
-        "CUDA: max_memory_allocated minus memory_allocated before",
+        "memory_method": "own subprocess per variant, warm-up + one training step; peak_extra_mb: tensors "
+        "(CUDA: max_memory_allocated minus memory_allocated before; CPU: running sum of the profiler's memory "
+        "events); "
+        "peak_rss_extra_mb (CPU): VmHWM (reset before the first step) minus RSS then",
         "loadavg_start": load_start,
         "loadavg_end": load_end,
         "rows": rows,

@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from .recompute import BlockedKronExperts, GatedExpertMatmul
+
 
 def kron_shapes(in_features: int, out_features: int, factor: int) -> tuple[int, int]:
     """Return (p, q) = (in_features / n, out_features / n), or raise if n does not tile the layer."""
@@ -103,7 +105,6 @@ def kron_moe_forward(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
-    gated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mixture of Kronecker experts, ``sum_e gates[..., e] * (x H_e + bias_e)``.
 
@@ -111,8 +112,6 @@ def kron_moe_forward(
         x: tokens, shape (..., in_features).
         gates: routing weights, shape (..., E) (zero for unselected experts).
         rules, left, right, bias: expert parameters (see module docstring); ``bias`` may be None.
-        gated: ``gate_tokens(x, gates)`` when the caller has it already (layers that share the input and the routing,
-            e.g. q / k / v, share it); used by the dense order only.
 
     Returns:
         Tensor of shape (..., out_features).
@@ -122,17 +121,10 @@ def kron_moe_forward(
     num_experts, n, p, r = left.shape
     path = kron_path(n * p, n * right.shape[-1], num_experts, n, r)
     if path == "dense":
-        return kron_moe_forward_dense(x, gates, rules, left, right, bias, gated)
+        return kron_moe_forward_dense(x, gates, rules, left, right, bias)
     if path == "folded":
         return kron_moe_forward_folded(x, gates, rules, left, right, bias)
     return kron_moe_forward_blocked(x, gates, rules, left, right, bias)
-
-
-def gate_tokens(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """(T, E * in_features): row ``t`` holds ``[g_t1 x_t, ..., g_tE x_t]``, the input of the dense order's matmul."""
-    num_experts = gates.shape[-1]
-    g = gates.reshape(-1, num_experts, 1).to(x.dtype)
-    return (g * x.reshape(-1, 1, x.shape[-1])).view(-1, num_experts * x.shape[-1])
 
 
 def kron_moe_forward_dense(
@@ -142,7 +134,6 @@ def kron_moe_forward_dense(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
-    gated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``kron_moe_forward`` through the dense expert weights: one matmul of the gated tokens with all ``H_e``.
 
@@ -153,11 +144,10 @@ def kron_moe_forward_dense(
     q = right.shape[-1]
     lead = x.shape[:-1]
     weights = torch.einsum("kac,ekbd->eabcd", rules, left @ right).reshape(num_experts * n * p, n * q)
-    if gated is None:
-        gated = gate_tokens(x, gates)
-    y = gated @ weights
+    g = gates.reshape(-1, num_experts).to(x.dtype)
+    y = GatedExpertMatmul.apply(x.reshape(-1, n * p), g, weights)  # the gated tokens are not kept for backward
     if bias is not None:
-        y = torch.addmm(y, gates.reshape(-1, num_experts).to(x.dtype), bias)
+        y = torch.addmm(y, g, bias)
     return y.reshape(*lead, n * q)
 
 
@@ -200,18 +190,13 @@ def kron_moe_forward_blocked(
 
     ``U = L xᵀ`` is laid out (e, k, r, t, a); the rules contract ``a`` as one batched matmul over (e, k); the gates
     scale the result (a 4-D broadcast); ``Uᵀ R`` sums over (e, k, r). Transposed operands go to BLAS as views.
+    The backward pass recomputes ``U`` and the gated ``z`` instead of keeping them (``recompute.BlockedKronExperts``).
     """
-    num_experts, n, p, r = left.shape
+    num_experts, n, p, _ = left.shape
     q = right.shape[-1]
     lead = x.shape[:-1]
-    blocks = x.reshape(-1, p)  # (T a), b
-    tokens = blocks.shape[0] // n
     g = gates.reshape(-1, num_experts).to(x.dtype)  # T, E
-    u = left.transpose(2, 3).reshape(num_experts * n * r, p) @ blocks.t()  # (e k r), (T a)
-    z = u.view(num_experts, n, r * tokens, n) @ rules.unsqueeze(0)  # e, k, (r T), c
-    z = z.view(num_experts, n * r, tokens, n) * g.t()[:, None, :, None]
-    y = z.view(num_experts * n * r, tokens * n).t() @ right.reshape(num_experts * n * r, q)  # (T c), d
-    y = y.view(tokens, n * q)
+    y = BlockedKronExperts.apply(x.reshape(-1, n * p), g, rules, left, right)  # (T, out); recomputed for backward
     if bias is not None:
         y = torch.addmm(y, g, bias)
     return y.reshape(*lead, n * q)

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import GNNMoEConfig
-from .kronecker import gate_tokens, init_kron_experts, kron_moe_forward, kron_path
+from .kronecker import init_kron_experts, kron_moe_forward, kron_path
 from .router import GraphRouter
 from .sparse import dispatch_tokens, kron_moe_forward_sparse
 
@@ -173,13 +173,13 @@ class Linear(nn.Module, GNNMoELayer):
         num_experts, factor, _, rank = left.shape
         top_k = routing.topk_index.shape[-1]
         path = self.expert_path(adapter, num_experts, factor, rank, top_k)
-        # what depends on the input and the routing only is computed once for the layers that share both (q, k, v)
-        if path == "sparse":
+        if (
+            path == "sparse"
+        ):  # the tokens grouped by expert: once for the layers that share the input and routing (q/k/v)
             flat, index = x.reshape(-1, x.shape[-1]), routing.topk_index.reshape(-1, top_k)
             dispatch = router.shared(routing, x, "dispatch", lambda: dispatch_tokens(flat, index, num_experts))
             return kron_moe_forward_sparse(x, routing.gates, routing.topk_index, *experts, dispatch)
-        gated = router.shared(routing, x, "gated", lambda: gate_tokens(x, routing.gates)) if path == "dense" else None
-        return kron_moe_forward(x, routing.gates, *experts, gated)
+        return kron_moe_forward(x, routing.gates, *experts)
 
     def expert_path(self, adapter: str, num_experts: int, factor: int, rank: int, top_k: int) -> str:
         """The order the experts of ``adapter`` run in: ``"sparse"`` or one of the dense orders (``kron_path``)."""

@@ -175,8 +175,8 @@ class GraphRouter(nn.Module):
 
     def shared(self, routing: Routing, tokens: torch.Tensor, kind: str, build: Callable[[], Any]) -> Any:
         """``build()``, computed once per ``kind``, ``routing`` of this router and input ``tokens`` within a forward
-        pass: the layers that share the router and the input (q / k / v) share the result (their gated input, or
-        their tokens grouped by expert)."""
+        pass: the layers that share the router and the input (q / k / v) share the result (their tokens grouped by
+        expert)."""
         version = _version(tokens)
         for seen_kind, seen_routing, seen_tokens, seen_version, value in self._shared:
             if seen_kind == kind and seen_routing is routing and seen_tokens is tokens and seen_version == version:

@@ -50,9 +50,8 @@ def test_compiled_model_gives_the_eager_outputs_and_aux_loss(make_vit, images, l
 @pytest.mark.slow
 @requires_inductor
 def test_compiled_training_step_gives_the_eager_loss_and_gradients(make_vit, images, labels):
-    """Training mode, one block, one compile (~30 s on one core): the dense expert order and the gated tokens q / k /
-    v share."""
-    assert kron_path(32, 32, 4, 4, 4) == "dense"  # the path with the shared gated tokens is the one compiled
+    """Training mode, one block, one compile (~30 s on one core): the dense expert order (its own backward pass)."""
+    assert kron_path(32, 32, 4, 4, 4) == "dense"  # the order the tiny ViT takes is the one compiled
     config = GNNMoEConfig(router="gcn", init_weights=False, router_noise_std=0.0)  # noise: eager and inductor RNGs
     model = get_peft_model(make_vit(num_hidden_layers=1), config).train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
