@@ -11,6 +11,10 @@ Settings (random inputs; the ViT shapes are randomly initialised):
   config (GCN, top-2) with 4, 8, 16 and 32 experts, each as the tuner picks its order (``expert_dispatch="auto"``)
   and with every expert on every token (``"dense"``, variants ``...-dense``).
 
+Variants ``...-keep`` (the first router of ``tiny`` and ``vits``, and 4 experts in ``scaling``) set
+``recompute_intermediates=False``: the forward pass's intermediates are kept for the backward pass instead of
+recomputed there (faster, more memory).
+
 Timing: a training step (forward + backward + AdamW step, train mode) and inference (eval forward under
 ``torch.inference_mode()``). All variants of a setting live in one process and are timed round-robin (the order
 rotates every repeat); the median over repeats is reported, with ratios to LoRA. ``os.getloadavg()`` is printed at
@@ -82,8 +86,10 @@ def setting(name: str, quick: bool) -> dict:
 
 def variants(name: str, chosen_routers: list[str]) -> list[str]:
     if name == "scaling":
-        return ["lora"] + [f"gnnmoe-gcn-e{e}{mode}" for e in SCALING_EXPERTS for mode in ("", "-dense")]
-    return ["lora"] + (["lokr"] if SETTINGS[name]["lokr"] else []) + [f"gnnmoe-{r}" for r in chosen_routers]
+        modes = {e: ("", "-dense") for e in SCALING_EXPERTS} | {SCALING_EXPERTS[0]: ("", "-keep", "-dense")}
+        return ["lora"] + [f"gnnmoe-gcn-e{e}{mode}" for e in SCALING_EXPERTS for mode in modes[e]]
+    keep = [f"gnnmoe-{chosen_routers[0]}-keep"] if not SETTINGS[name]["budget"] else []
+    return ["lora"] + (["lokr"] if SETTINGS[name]["lokr"] else []) + [f"gnnmoe-{r}" for r in chosen_routers] + keep
 
 
 def build_model(s: dict) -> torch.nn.Module:
@@ -114,10 +120,12 @@ def peft_config(variant: str, s: dict):
         return LoraConfig(r=s["lora_r"], lora_alpha=2 * s["lora_r"], **common)
     if variant == "lokr":
         return LoKrConfig(r=8, alpha=16, **common)
-    router, *options = variant.removeprefix("gnnmoe-").split("-")  # e.g. gcn, gcn-e16, gcn-e16-dense
+    router, *options = variant.removeprefix("gnnmoe-").split("-")  # e.g. gcn, gcn-e16, gcn-e16-dense, gcn-keep
     for option in options:
         if option == "dense":
             common["expert_dispatch"] = "dense"
+        elif option == "keep":
+            common["recompute_intermediates"] = False
         else:
             common["num_experts"] = int(option.removeprefix("e"))
     if not s["budget"]:

@@ -58,14 +58,20 @@ def test_quick_run_in_bfloat16_on_cpu(tmp_path):
     assert "bf16" in stdout
 
 
-def test_expert_scaling_variants_set_the_experts_and_the_dispatch():
+def test_expert_scaling_and_keep_variants_set_their_config():
     sys.path.insert(0, str(BENCH.parent))
     try:
         import bench_gnnmoe
     finally:
         sys.path.remove(str(BENCH.parent))
     names = bench_gnnmoe.variants("scaling", ["gcn"])
-    assert names[0] == "lora" and len(names) == 1 + 2 * len(bench_gnnmoe.SCALING_EXPERTS)
+    assert names[0] == "lora" and len(names) == 2 + 2 * len(bench_gnnmoe.SCALING_EXPERTS)
+    assert (
+        bench_gnnmoe.peft_config("gnnmoe-gcn-e4-keep", bench_gnnmoe.SETTINGS["scaling"]).recompute_intermediates
+        is False
+    )
+    assert bench_gnnmoe.variants("vits", ["gat", "gcn"])[-1] == "gnnmoe-gat-keep"
+    assert not any(name.endswith("keep") for name in bench_gnnmoe.variants("vitb", ["gcn"]))
     config = bench_gnnmoe.peft_config("gnnmoe-gcn-e16-dense", bench_gnnmoe.setting("scaling", quick=True))
     assert (config.router, config.num_experts, config.expert_dispatch, config.top_k) == ("gcn", 16, "dense", 2)
     assert bench_gnnmoe.peft_config("gnnmoe-gcn-e32", bench_gnnmoe.SETTINGS["scaling"]).expert_dispatch == "auto"

@@ -31,7 +31,7 @@ _FLOAT_FIELDS = (
     "expert_dropout",
     "graph_radius",
 )
-_BOOL_FIELDS = ("add_aux_loss_to_output", "expert_bias", "init_weights", "inference_mode")
+_BOOL_FIELDS = ("add_aux_loss_to_output", "expert_bias", "init_weights", "inference_mode", "recompute_intermediates")
 
 
 @dataclass
@@ -85,6 +85,14 @@ class GNNMoEConfig(PeftConfig):
             "with top_k), 'dense' runs every expert on every token and zeroes the unchosen ones (cost grows with "
             "num_experts; fewer, larger kernels), 'auto' picks per layer from its shape, top_k and num_experts. "
             "The results are equal; only speed and memory differ."
+        },
+    )
+    recompute_intermediates: bool = field(
+        default=True,
+        metadata={
+            "help": "Recompute the routers' and the experts' intermediate tensors in the backward pass instead of "
+            "keeping them from the forward pass: peak training memory near LoRA's for a few percent more step time "
+            "(the benchmarks page). False keeps them: faster, more memory. The results are equal."
         },
     )
     kron_factor: int = field(

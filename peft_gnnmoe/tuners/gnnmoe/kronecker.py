@@ -105,6 +105,7 @@ def kron_moe_forward(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """Mixture of Kronecker experts, ``sum_e gates[..., e] * (x H_e + bias_e)``.
 
@@ -112,6 +113,8 @@ def kron_moe_forward(
         x: tokens, shape (..., in_features).
         gates: routing weights, shape (..., E) (zero for unselected experts).
         rules, left, right, bias: expert parameters (see module docstring); ``bias`` may be None.
+        recompute: the dense and blocked orders recompute their token-sized intermediates in the backward pass
+            (``recompute.py``); False keeps them.
 
     Returns:
         Tensor of shape (..., out_features).
@@ -121,10 +124,10 @@ def kron_moe_forward(
     num_experts, n, p, r = left.shape
     path = kron_path(n * p, n * right.shape[-1], num_experts, n, r)
     if path == "dense":
-        return kron_moe_forward_dense(x, gates, rules, left, right, bias)
+        return kron_moe_forward_dense(x, gates, rules, left, right, bias, recompute)
     if path == "folded":
         return kron_moe_forward_folded(x, gates, rules, left, right, bias)
-    return kron_moe_forward_blocked(x, gates, rules, left, right, bias)
+    return kron_moe_forward_blocked(x, gates, rules, left, right, bias, recompute)
 
 
 def kron_moe_forward_dense(
@@ -134,18 +137,21 @@ def kron_moe_forward_dense(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """``kron_moe_forward`` through the dense expert weights: one matmul of the gated tokens with all ``H_e``.
 
     ``H[e, (a, b), (c, d)] = sum_k S_k[a, c] (L_{e,k} R_{e,k})[b, d]`` is built once per call (weight-only, no token
-    dimension); then ``y = [g_1 x, ..., g_E x] [H_1; ...; H_E]``, the sum over the experts inside the matmul.
+    dimension); then ``y = [g_1 x, ..., g_E x] [H_1; ...; H_E]``, the sum over the experts inside the matmul. With
+    ``recompute`` the backward pass recomputes the gated tokens instead of keeping them
+    (``recompute.GatedExpertMatmul``).
     """
     num_experts, n, p, _ = left.shape
     q = right.shape[-1]
     lead = x.shape[:-1]
     weights = torch.einsum("kac,ekbd->eabcd", rules, left @ right).reshape(num_experts * n * p, n * q)
     g = gates.reshape(-1, num_experts).to(x.dtype)
-    y = GatedExpertMatmul.apply(x.reshape(-1, n * p), g, weights)  # the gated tokens are not kept for backward
+    y = GatedExpertMatmul.apply(x.reshape(-1, n * p), g, weights, not recompute)
     if bias is not None:
         y = torch.addmm(y, g, bias)
     return y.reshape(*lead, n * q)
@@ -185,18 +191,20 @@ def kron_moe_forward_blocked(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """``kron_moe_forward`` in the order of fewest multiply-adds, experts-major so that nothing token-sized is copied.
 
     ``U = L xᵀ`` is laid out (e, k, r, t, a); the rules contract ``a`` as one batched matmul over (e, k); the gates
     scale the result (a 4-D broadcast); ``Uᵀ R`` sums over (e, k, r). Transposed operands go to BLAS as views.
-    The backward pass recomputes ``U`` and the gated ``z`` instead of keeping them (``recompute.BlockedKronExperts``).
+    With ``recompute`` the backward pass recomputes ``U`` and ``z`` instead of keeping them
+    (``recompute.BlockedKronExperts``).
     """
     num_experts, n, p, _ = left.shape
     q = right.shape[-1]
     lead = x.shape[:-1]
     g = gates.reshape(-1, num_experts).to(x.dtype)  # T, E
-    y = BlockedKronExperts.apply(x.reshape(-1, n * p), g, rules, left, right)  # (T, out); recomputed for backward
+    y = BlockedKronExperts.apply(x.reshape(-1, n * p), g, rules, left, right, not recompute)  # T, out
     if bias is not None:
         y = torch.addmm(y, g, bias)
     return y.reshape(*lead, n * q)

@@ -41,6 +41,7 @@ def make_router(in_features: int, config: GNNMoEConfig) -> GraphRouter:
         balance_loss=config.balance_loss,
         balance_loss_weight=config.balance_loss_weight,
         z_loss_weight=config.z_loss_weight,
+        recompute=config.recompute_intermediates,
     )
     return router
 
@@ -60,7 +61,7 @@ class GNNMoELayer(BaseTunerLayer):
         "gnnmoe_bias",
         "gnnmoe_router",
     )
-    other_param_names: tuple[str, ...] = ("gnnmoe_router_ref", "gnnmoe_dropout", "gnnmoe_dispatch")
+    other_param_names: tuple[str, ...] = ("gnnmoe_router_ref", "gnnmoe_dropout", "gnnmoe_dispatch", "gnnmoe_recompute")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -72,6 +73,7 @@ class GNNMoELayer(BaseTunerLayer):
         self.gnnmoe_dropout = nn.ModuleDict({})
         self.gnnmoe_router_ref: dict[str, GraphRouter] = {}
         self.gnnmoe_dispatch: dict[str, str] = {}  # GNNMoEConfig.expert_dispatch of every adapter
+        self.gnnmoe_recompute: dict[str, bool] = {}  # GNNMoEConfig.recompute_intermediates of every adapter
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -99,6 +101,7 @@ class GNNMoELayer(BaseTunerLayer):
             nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
         )
         self.gnnmoe_dispatch[adapter_name] = config.expert_dispatch
+        self.gnnmoe_recompute[adapter_name] = config.recompute_intermediates
         if shared_router is None:
             shared_router = make_router(self.in_features, config)
             self.gnnmoe_router[adapter_name] = shared_router
@@ -179,7 +182,7 @@ class Linear(nn.Module, GNNMoELayer):
             flat, index = x.reshape(-1, x.shape[-1]), routing.topk_index.reshape(-1, top_k)
             dispatch = router.shared(routing, x, "dispatch", lambda: dispatch_tokens(flat, index, num_experts))
             return kron_moe_forward_sparse(x, routing.gates, routing.topk_index, *experts, dispatch)
-        return kron_moe_forward(x, routing.gates, *experts)
+        return kron_moe_forward(x, routing.gates, *experts, self.gnnmoe_recompute.get(adapter, True))
 
     def expert_path(self, adapter: str, num_experts: int, factor: int, rank: int, top_k: int) -> str:
         """The order the experts of ``adapter`` run in: ``"sparse"`` or one of the dense orders (``kron_path``)."""

@@ -40,27 +40,31 @@ def _blocked_intermediates(
 
 class BlockedKronExperts(torch.autograd.Function):
     """``sum_e gates[t, e] x_t H_e`` in the blocked order (``kron_moe_forward_blocked``) for tokens ``x`` (T, in) and
-    gates (T, E); keeps ``x``, the gates and the factors, not the order's three token-sized intermediates."""
+    gates (T, E); keeps ``x``, the gates and the factors, not the order's three token-sized intermediates (``keep``:
+    keeps those too, and the backward pass computes nothing twice)."""
 
     @staticmethod
-    def forward(ctx, x, gates, rules, left, right):
+    def forward(ctx, x, gates, rules, left, right, keep: bool = False):
         num_experts, n, p, r = left.shape
         q = right.shape[-1]
-        *_, gated = _blocked_intermediates(x.reshape(-1, p), gates, rules, left)
+        _, u, z, gated = _blocked_intermediates(x.reshape(-1, p), gates, rules, left)
         y = gated.view(num_experts * n * r, -1).t() @ right.reshape(num_experts * n * r, q)  # (T c), d
-        ctx.save_for_backward(x, gates, rules, left, right)
+        ctx.save_for_backward(x, gates, rules, left, right, *((u, z, gated) if keep else ()))
         _save_autocast(ctx, x.device.type)
         return y.view(x.shape[0], n * q)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gates, rules, left, right = ctx.saved_tensors
+        x, gates, rules, left, right, *kept = ctx.saved_tensors
         num_experts, n, p, r = left.shape
         q = right.shape[-1]
         with _replay_autocast(ctx):
             blocks = x.reshape(-1, p)
             tokens = x.shape[0]
-            lefts, u, z, gated = _blocked_intermediates(blocks, gates, rules, left)
+            if kept:
+                lefts, (u, z, gated) = left.transpose(2, 3).reshape(num_experts * n * r, p), kept
+            else:
+                lefts, u, z, gated = _blocked_intermediates(blocks, gates, rules, left)
             dy = grad_y.reshape(tokens * n, q)
             grad_right = (gated.view(num_experts * n * r, tokens * n) @ dy).view_as(right)
             d_gated = (right.reshape(num_experts * n * r, q) @ dy.t()).view(num_experts, n * r, tokens, n)
@@ -70,29 +74,35 @@ class BlockedKronExperts(torch.autograd.Function):
             du = (dz @ rules.transpose(-1, -2).unsqueeze(0)).view(num_experts * n * r, tokens * n)
             grad_left = (du @ blocks).view(num_experts, n, r, p).transpose(2, 3).contiguous()
             grad_x = (du.t() @ lefts).view_as(x) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_gates, grad_rules, grad_left, grad_right
+        return grad_x, grad_gates, grad_rules, grad_left, grad_right, None
 
 
 class GatedExpertMatmul(torch.autograd.Function):
     """``gate_tokens(x, gates) @ weights`` (the dense order's matmul) for tokens ``x`` (T, in), gates (T, E) and the
-    stacked expert weights (E in, out); keeps ``x`` and the gates, not the (T, E in) gated tokens."""
+    stacked expert weights (E in, out); keeps ``x`` and the gates, not the (T, E in) gated tokens (``keep``: keeps
+    those too)."""
 
     @staticmethod
-    def forward(ctx, x, gates, weights):
-        ctx.save_for_backward(x, gates, weights)
+    def forward(ctx, x, gates, weights, keep: bool = False):
+        gated = gate_tokens(x, gates)
+        ctx.save_for_backward(x, gates, weights, *((gated,) if keep else ()))
         _save_autocast(ctx, x.device.type)
-        return gate_tokens(x, gates) @ weights
+        return gated @ weights
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, gates, weights = ctx.saved_tensors
+        x, gates, weights, *kept = ctx.saved_tensors
         num_experts = gates.shape[-1]
-        with _replay_autocast(ctx):
-            grad_weights = gate_tokens(x, gates).t() @ grad_y if ctx.needs_input_grad[2] else None
+        with _replay_autocast(ctx):  # one (T, E in) tensor at a time: the gated tokens, then their gradient
+            gated = kept[0] if kept else gate_tokens(x, gates)
+            grad_weights = gated.t() @ grad_y if ctx.needs_input_grad[2] else None
+            del gated
             d_gated = (grad_y @ weights.t()).view(x.shape[0], num_experts, x.shape[1])
-            grad_x = (d_gated * gates.to(d_gated.dtype)[..., None]).sum(1) if ctx.needs_input_grad[0] else None
-            grad_gates = (d_gated * x.to(d_gated.dtype)[:, None, :]).sum(-1)
-        return grad_x, grad_gates, grad_weights
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.bmm(gates.to(d_gated.dtype).unsqueeze(1), d_gated).squeeze(1)
+            grad_gates = torch.bmm(d_gated, x.to(d_gated.dtype).unsqueeze(-1)).squeeze(-1)
+        return grad_x, grad_gates, grad_weights, None
 
 
 def gate_tokens(x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn.dense import DenseGCNConv, DenseSAGEConv
+from torch.utils.checkpoint import checkpoint
+from torch_geometric.nn.dense import DenseGCNConv
 
 from .gat import LeanDenseGATConv
 from .graph import TokenLayout, infer_layout, needs_grid, token_adjacency
+from .sage import LeanDenseSAGEConv
 
 
 @dataclass
@@ -67,7 +69,7 @@ def _make_conv(kind: str, in_features: int, out_features: int, heads: int) -> nn
     if kind == "gat":
         return LeanDenseGATConv(in_features, out_features // heads, heads=heads, concat=True)
     if kind == "sage":
-        return DenseSAGEConv(in_features, out_features)
+        return LeanDenseSAGEConv(in_features, out_features)
     if kind == "linear":
         return nn.Linear(in_features, out_features)
     raise ValueError(f"Unknown router type {kind!r}; use 'gcn', 'gat', 'sage' or 'linear'.")
@@ -133,6 +135,7 @@ class GraphRouter(nn.Module):
         balance_loss: str = "squared_mean",
         balance_loss_weight: float = 0.01,
         z_loss_weight: float = 1e-3,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         widths = [in_features] + [hidden] * num_layers
@@ -141,6 +144,7 @@ class GraphRouter(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.dropout, self.noise_std, self.temperature = dropout, noise_std, temperature
         self.kind = kind
+        self.recompute = recompute  # activation checkpointing of the convolutions and the head while training
         self.graph, self.knn_k, self.graph_radius, self.prefix_mode = graph, knn_k, float(graph_radius), prefix_mode
         self.balance_loss_kind = balance_loss
         self.balance_loss_weight, self.z_loss_weight = balance_loss_weight, z_loss_weight
@@ -245,12 +249,10 @@ class GraphRouter(nn.Module):
             adj = None  # the token router: no graph, no message passing
         else:  # one adjacency per call, shared by every layer (and by q, k and v through the routing cache)
             adj = token_adjacency(tokens, layout, self.graph, self.knn_k, self.prefix_mode, valid, self.graph_radius)
-            adj = adj.to(h.dtype)
-        for i, conv in enumerate(self.convs):
-            if i > 0:
-                h = F.dropout(F.gelu(h), p=self.dropout, training=self.training)
-            h = conv(h) if adj is None else conv(h, adj)
-        logits = self.head(F.gelu(h))
+        if self.recompute and torch.is_grad_enabled():  # keep the input and the bool graph, not the activations
+            logits = checkpoint(self._logits, h, adj, use_reentrant=False)
+        else:
+            logits = self._logits(h, adj)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 / fp16 routers: softmax in fp32
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
@@ -261,6 +263,18 @@ class GraphRouter(nn.Module):
         routing = self._losses(logits, probs, gates, topk_index, layout, valid)
         routing.rows, routing.batch_size = rows, full_batch
         return routing
+
+    def _logits(self, h: torch.Tensor, adj: torch.Tensor | None) -> torch.Tensor:
+        """Expert logits of the node features ``h`` (B, S, D) on the graphs ``adj`` (B, S, S bool; None: no message
+        passing). With ``recompute`` it runs under activation checkpointing while training: its backward pass computes
+        it again (the router's share of a step's work is small, its activations are not: the graph in float, two or
+        three hidden states per node)."""
+        adj = None if adj is None else adj.to(h.dtype)
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                h = F.dropout(F.gelu(h), p=self.dropout, training=self.training)
+            h = conv(h) if adj is None else conv(h, adj)
+        return self.head(F.gelu(h))
 
     def _losses(
         self,

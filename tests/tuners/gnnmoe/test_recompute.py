@@ -1,9 +1,12 @@
-"""The dense and blocked expert orders keep only their inputs for the backward pass (recompute.py); their values and
-gradients against the reference are pinned in test_expert_equivalence.py."""
+"""GNNMoEConfig.recompute_intermediates: the dense and blocked expert orders keep only their inputs for the backward
+pass (recompute.py) and the router recomputes its layers (activation checkpointing), with the results of keeping
+everything. The orders' values and gradients against the reference are pinned in test_expert_equivalence.py."""
 
 import pytest
 import torch
+from peft import get_peft_model
 
+from peft_gnnmoe import GNNMoEConfig
 from peft_gnnmoe.tuners.gnnmoe.kronecker import (
     init_kron_experts,
     kron_moe_forward_blocked,
@@ -17,7 +20,7 @@ ORDERS = {
 }
 
 
-def _saved_numel(forward, experts, tokens: int, width: int) -> int:
+def _saved_numel(forward, experts, tokens: int, width: int, recompute: bool = True) -> int:
     """Numbers autograd keeps for the backward pass of one call on ``tokens`` tokens (each storage counted once)."""
     x = torch.randn(tokens, width, requires_grad=True)
     gates = torch.rand(tokens, experts["left"].shape[0], requires_grad=True)
@@ -28,7 +31,7 @@ def _saved_numel(forward, experts, tokens: int, width: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = forward(x, gates, **experts)
+        y = forward(x, gates, **experts, recompute=recompute)
     y.sum().backward()
     return sum(storages.values())
 
@@ -39,9 +42,28 @@ def test_what_the_backward_pass_keeps_grows_with_the_tokens_by_their_input_and_g
     assert kron_path(in_f, out_f, num_experts, n, r) == order
     experts = {k: v.requires_grad_() for k, v in init_kron_experts(in_f, out_f, num_experts, n, r, False).items()}
     growth = _saved_numel(forward, experts, 200, in_f) - _saved_numel(forward, experts, 100, in_f)
-    # 100 more tokens: their inputs and gates; autograd alone would also keep the order's intermediates
-    # (the gated tokens, E in per token; the blocked order's three E n r n per token)
-    assert growth == 100 * (in_f + num_experts)
+    assert growth == 100 * (in_f + num_experts)  # 100 more tokens: their inputs and gates
+    kept = _saved_numel(forward, experts, 200, in_f, False) - _saved_numel(forward, experts, 100, in_f, False)
+    # recompute=False also keeps the order's intermediates: the gated tokens (E in per token), the blocked order's
+    # three tensors of E n r n per token
+    intermediates = num_experts * in_f if order == "dense" else 3 * num_experts * n * r * n
+    assert kept == 100 * (in_f + num_experts + intermediates)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_keeping_the_intermediates_gives_the_same_values_and_gradients(order):
+    forward, (in_f, out_f, num_experts, n, r) = ORDERS[order]
+    torch.manual_seed(0)
+    experts = init_kron_experts(in_f, out_f, num_experts, n, r, zero_right=False)
+    x, gates = torch.randn(30, in_f, dtype=torch.float64), torch.rand(30, num_experts, dtype=torch.float64)
+    upstream = torch.randn(30, out_f, dtype=torch.float64)
+    results = []
+    for recompute in (True, False):
+        leaves = [t.double().requires_grad_() for t in (x, gates, *experts.values())]
+        y = forward(*leaves, recompute=recompute)
+        results.append([y, *torch.autograd.grad((y * upstream).sum(), leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -61,3 +83,28 @@ def test_bf16_autocast_recomputes_in_the_forward_pass_precision(order):
     for exact, mixed in zip(grads[False], grads[True]):
         assert mixed.dtype == torch.float32  # the parameters' and inputs' own dtype
         torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("router", ["gcn", "gat", "sage"])
+def test_a_model_gives_the_same_loss_and_gradients_and_keeps_less_for_backward(make_vit, images, labels, router):
+    results = []
+    for recompute in (True, False):
+        config = GNNMoEConfig(
+            router=router, init_weights=False, router_noise_std=0.0, recompute_intermediates=recompute
+        )
+        model = get_peft_model(make_vit().double(), config).train()
+        storages = {}
+
+        def pack(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(pixel_values=images.double(), labels=labels).loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss, torch.autograd.grad(loss, params), sum(storages.values())))
+    (loss, grads, kept_recomputing), (want_loss, want_grads, kept_all) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert kept_recomputing < 0.8 * kept_all
