@@ -113,8 +113,8 @@ def kron_moe_forward(
         x: tokens, shape (..., in_features).
         gates: routing weights, shape (..., E) (zero for unselected experts).
         rules, left, right, bias: expert parameters (see module docstring); ``bias`` may be None.
-        recompute: the dense and blocked orders recompute their token-sized intermediates in the backward pass
-            (``recompute.py``); False keeps them.
+        recompute: the blocked order recomputes its token-sized intermediates in the backward pass
+            (``recompute.py``); False keeps them. The dense order always recomputes its gated tokens.
 
     Returns:
         Tensor of shape (..., out_features).
@@ -124,7 +124,7 @@ def kron_moe_forward(
     num_experts, n, p, r = left.shape
     path = kron_path(n * p, n * right.shape[-1], num_experts, n, r)
     if path == "dense":
-        return kron_moe_forward_dense(x, gates, rules, left, right, bias, recompute)
+        return kron_moe_forward_dense(x, gates, rules, left, right, bias)
     if path == "folded":
         return kron_moe_forward_folded(x, gates, rules, left, right, bias)
     return kron_moe_forward_blocked(x, gates, rules, left, right, bias, recompute)
@@ -137,21 +137,19 @@ def kron_moe_forward_dense(
     left: torch.Tensor,
     right: torch.Tensor,
     bias: torch.Tensor | None,
-    recompute: bool = True,
 ) -> torch.Tensor:
     """``kron_moe_forward`` through the dense expert weights: one matmul of the gated tokens with all ``H_e``.
 
     ``H[e, (a, b), (c, d)] = sum_k S_k[a, c] (L_{e,k} R_{e,k})[b, d]`` is built once per call (weight-only, no token
-    dimension); then ``y = [g_1 x, ..., g_E x] [H_1; ...; H_E]``, the sum over the experts inside the matmul. With
-    ``recompute`` the backward pass recomputes the gated tokens instead of keeping them
-    (``recompute.GatedExpertMatmul``).
+    dimension); then ``y = [g_1 x, ..., g_E x] [H_1; ...; H_E]``, the sum over the experts inside the matmul. The
+    backward pass recomputes the gated tokens instead of keeping them (``recompute.GatedExpertMatmul``).
     """
     num_experts, n, p, _ = left.shape
     q = right.shape[-1]
     lead = x.shape[:-1]
     weights = torch.einsum("kac,ekbd->eabcd", rules, left @ right).reshape(num_experts * n * p, n * q)
     g = gates.reshape(-1, num_experts).to(x.dtype)
-    y = GatedExpertMatmul.apply(x.reshape(-1, n * p), g, weights, not recompute)
+    y = GatedExpertMatmul.apply(x.reshape(-1, n * p), g, weights)
     if bias is not None:
         y = torch.addmm(y, g, bias)
     return y.reshape(*lead, n * q)

@@ -176,13 +176,14 @@ class Linear(nn.Module, GNNMoELayer):
         num_experts, factor, _, rank = left.shape
         top_k = routing.topk_index.shape[-1]
         path = self.expert_path(adapter, num_experts, factor, rank, top_k)
+        recompute = self.gnnmoe_recompute.get(adapter, True)
         if (
             path == "sparse"
         ):  # the tokens grouped by expert: once for the layers that share the input and routing (q/k/v)
-            flat, index = x.reshape(-1, x.shape[-1]), routing.topk_index.reshape(-1, top_k)
-            dispatch = router.shared(routing, x, "dispatch", lambda: dispatch_tokens(flat, index, num_experts))
-            return kron_moe_forward_sparse(x, routing.gates, routing.topk_index, *experts, dispatch)
-        return kron_moe_forward(x, routing.gates, *experts, self.gnnmoe_recompute.get(adapter, True))
+            index = routing.topk_index.reshape(-1, top_k)
+            dispatch = router.shared(routing, x, "dispatch", lambda: dispatch_tokens(index, num_experts))
+            return kron_moe_forward_sparse(x, routing.gates, routing.topk_index, *experts, dispatch, recompute)
+        return kron_moe_forward(x, routing.gates, *experts, recompute)
 
     def expert_path(self, adapter: str, num_experts: int, factor: int, rank: int, top_k: int) -> str:
         """The order the experts of ``adapter`` run in: ``"sparse"`` or one of the dense orders (``kron_path``)."""
