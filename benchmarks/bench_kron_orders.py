@@ -29,7 +29,7 @@ from peft_gnnmoe.tuners.gnnmoe.sparse import kron_moe_forward_sparse
 RESULTS = Path(__file__).resolve().parent / "results"
 # tokens, in_features, out_features: ViT-S/16 q/k/v and fc1 at batch 8, the embedded backbone at batch 24, ViT-B/16
 SHAPES = [(1576, 384, 384), (1576, 384, 1536), (1200, 64, 64), (1576, 768, 768)]
-EXPERTS_TOP_K = [(2, 1), (4, 1), (4, 2), (8, 2), (16, 2), (32, 2), (8, 4)]
+EXPERTS_TOP_K = [(2, 1), (4, 1), (8, 1), (4, 2), (8, 2), (16, 2), (32, 2), (8, 4)]
 DENSE_ORDERS = {
     "dense": kronecker.kron_moe_forward_dense,
     "folded": kronecker.kron_moe_forward_folded,
@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cases = [(s, e) for s in SHAPES for e in EXPERTS_TOP_K]
     if args.quick:
-        cases, args.repeats = [((64, 64, 64), (4, 1)), ((64, 64, 64), (8, 2))], 2
+        cases, args.repeats = [((64, 64, 64), (8, 1)), ((64, 64, 64), (8, 2))], 2
     load_start = os.getloadavg()
     print(f"load average at start: {load_start}; torch {torch.__version__}, {args.threads} thread(s)", flush=True)
     rows = []

@@ -63,12 +63,12 @@ FOLD_MAX_NUMEL = 2**16
 # Form the dense expert weights (E * in_features * out_features numbers) when they are at most this big and cost no
 # more multiply-adds per token than the folded order.
 DENSE_MAX_NUMEL = 2**16
-# The sparse order (sparse.py) is taken from this many experts per chosen one (4 with top_k = 1). Measured by
-# benchmarks/bench_kron_orders.py on 64- to 768-wide layers (docs/results/benchmarks.md): with 8 per choice it took
-# 0.19-0.65x the dense order's time; with 4 per choice 0.65-1.04x at top-1 and 0.77-0.99x at top-2 (each chosen
-# expert's output is materialised, where the dense orders sum the experts inside one matmul); with 2, 1.31-4.26x.
+# The sparse order (sparse.py) is taken from this many experts per chosen one. Measured by
+# benchmarks/bench_kron_orders.py on 64- to 768-wide layers, forward + backward as training runs them (recomputing
+# their intermediates; docs/results/benchmarks.md): with 8 per choice it took 0.43-0.94x the dense order's time at
+# top-1 and top-2; with 4 per choice 0.94-1.47x at top-1 and 1.02-1.60x at top-2 (each chosen expert's output is
+# materialised, where the dense orders sum the experts inside one matmul); with 2, 1.21-5.71x.
 SPARSE_EXPERTS_PER_CHOICE = 8
-SPARSE_EXPERTS_TOP_1 = 4
 
 
 def kron_path(
@@ -91,9 +91,7 @@ def kron_path(
         path = "folded"
     else:
         path = "blocked"
-    if top_k is not None and num_experts >= (
-        SPARSE_EXPERTS_TOP_1 if top_k == 1 else top_k * SPARSE_EXPERTS_PER_CHOICE
-    ):
+    if top_k is not None and num_experts >= top_k * SPARSE_EXPERTS_PER_CHOICE:
         return "sparse"
     return path
 

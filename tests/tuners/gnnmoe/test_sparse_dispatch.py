@@ -92,7 +92,7 @@ def test_dispatch_sorts_the_assignments_by_expert():
 def test_kron_path_takes_the_sparse_order_from_8_experts_per_choice():
     assert [kron_path(384, 384, e, 4, 4, top_k=2) for e in (4, 8, 16, 32)] == ["blocked"] * 2 + ["sparse"] * 2
     assert kron_path(384, 384, 32, 4, 4) == "blocked"  # without top_k: the dense orders only
-    assert [kron_path(64, 64, e, 4, 4, top_k=1) for e in (2, 4)] == ["dense", "sparse"]  # top-1: from 4
+    assert [kron_path(64, 64, e, 4, 4, top_k=1) for e in (4, 8)] == ["dense", "sparse"]  # top-1: from 8
     assert kron_path(64, 64, 4, 4, 4, top_k=2) == "dense"  # the default config keeps its order
 
 
