@@ -87,3 +87,15 @@ def test_kron_orders_quick_run_times_both_orders(tmp_path):
     assert [(r["num_experts"], r["top_k"]) for r in rows] == [(8, 1), (8, 2)]
     assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
     assert [r["auto_takes"] for r in rows] == ["sparse", "dense"]
+
+
+@pytest.mark.slow
+def test_recompute_ablation_quick_run_switches_the_routers_and_the_experts(tmp_path):
+    output = tmp_path / "ablation.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    script = ROOT / "benchmarks" / "recompute_ablation.py"
+    args = ["--quick", "--repeats", "1", "--setting", "tiny", "--output", str(output)]
+    subprocess.run([sys.executable, str(script), *args], check=True, env=env, capture_output=True)
+    rows = {r["variant"]: r for r in json.loads(output.read_text())["rows"]}
+    assert list(rows) == ["lora", "recompute both (default)", "routers only", "experts only", "keep both"]
+    assert rows["lora"]["train_vs_lora"] == 1.0 and all(r["train_step_s"] > 0 for r in rows.values())
