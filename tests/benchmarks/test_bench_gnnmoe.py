@@ -25,14 +25,16 @@ def test_quick_run_writes_ratios_to_lora_and_prints_the_table(tmp_path):
     args = ["--quick", "--settings", "tiny", "--routers", "gcn", "--repeats", "1", "--no-memory"]
     stdout = _run(*args, "--output", str(output))
     result = json.loads(output.read_text())
-    assert [row["variant"] for row in result["rows"]] == ["lora", "gnnmoe-gcn"]
+    assert [row["variant"] for row in result["rows"]] == ["lora", "gnnmoe-gcn", "gnnmoe-gcn-keep"]
     assert result["rows"][0]["train_vs_lora"] == 1.0
     assert result["rows"][1]["train_step_s"] > 0
     assert result["rows"][1]["inference_s"] > 0
-    lora, gnnmoe = result["rows"]
+    lora, gnnmoe, keep = result["rows"]
     assert lora["train_flops_vs_lora"] == 1.0
     assert lora["train_gflop"] > lora["inference_gflop"] > 0  # a training step also runs the backward pass
     assert gnnmoe["train_gflop"] > lora["train_gflop"]  # the experts and the router add matmuls
+    assert gnnmoe["train_gflop"] > keep["train_gflop"]  # recomputing the router runs its matmuls again
+    assert gnnmoe["inference_gflop"] == keep["inference_gflop"]  # inference keeps nothing for a backward pass
     assert gnnmoe["inference_flops_vs_lora"] == gnnmoe["inference_gflop"] / lora["inference_gflop"]
     assert len(result["loadavg_start"]) == 3
     assert "| gnnmoe-gcn |" in stdout
