@@ -28,7 +28,7 @@ bytes held by tensors, counted from before the first step: on CUDA ``torch.cuda.
 allocation before, on CPU the running sum of the allocations and frees ``torch.profiler`` records
 (``profile_memory=True``). On CPU the table also gives the peak resident set size (``VmHWM``, reset just before the
 first step, minus the resident size then; measured on a first copy of the model, without the profiler): it also
-counts what the first step loads once (library code pages, kernel caches) and what the allocator keeps, about 230 MB
+counts what the first step loads once (library code pages, kernel caches) and what the allocator keeps, about 220 MB
 of LoRA's 390 MB on the ViT-S/16 shape, so its ratios understate the tensors' difference.
 
     PYTHONPATH=. python benchmarks/bench_gnnmoe.py             # everything (several minutes on 2 cores)
@@ -375,8 +375,7 @@ def main() -> None:
         "config": config | {"gnnmoe_budget": GNNMOE_BUDGET, "torch": torch.__version__},
         "memory_method": "own subprocess per variant, warm-up + one training step; peak_extra_mb: tensors "
         "(CUDA: max_memory_allocated minus memory_allocated before; CPU: running sum of the profiler's memory "
-        "events); "
-        "peak_rss_extra_mb (CPU): VmHWM (reset before the first step) minus RSS then",
+        "events); peak_rss_extra_mb (CPU): VmHWM (reset before the first step) minus RSS then",
         "loadavg_start": load_start,
         "loadavg_end": load_end,
         "rows": rows,

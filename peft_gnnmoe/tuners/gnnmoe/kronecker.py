@@ -83,17 +83,15 @@ def kron_path(
     blocked order's work for ``top_k`` experts instead of ``E``, plus grouping the tokens and adding their outputs
     back; it is taken where it measured faster, from ``SPARSE_EXPERTS_PER_CHOICE`` experts per chosen one.
     """
+    if top_k is not None and num_experts >= top_k * SPARSE_EXPERTS_PER_CHOICE:
+        return "sparse"
     dense_macs = in_features * out_features
     folded_macs = factor * rank * (factor * in_features + out_features)
     if num_experts * in_features * out_features <= DENSE_MAX_NUMEL and dense_macs <= folded_macs:
-        path = "dense"
-    elif in_features * num_experts * factor * factor * rank <= FOLD_MAX_NUMEL:
-        path = "folded"
-    else:
-        path = "blocked"
-    if top_k is not None and num_experts >= top_k * SPARSE_EXPERTS_PER_CHOICE:
-        return "sparse"
-    return path
+        return "dense"
+    if in_features * num_experts * factor * factor * rank <= FOLD_MAX_NUMEL:
+        return "folded"
+    return "blocked"
 
 
 def kron_moe_forward(

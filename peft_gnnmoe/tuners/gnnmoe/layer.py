@@ -179,7 +179,7 @@ class Linear(nn.Module, GNNMoELayer):
         recompute = self.gnnmoe_recompute.get(adapter, True)
         if path == "sparse":  # the tokens grouped by expert once for the layers that share input and routing (q/k/v)
             index = routing.topk_index.reshape(-1, top_k)
-            dispatch = router.shared(routing, x, "dispatch", lambda: dispatch_tokens(index, num_experts))
+            dispatch = router.shared(routing, x, lambda: dispatch_tokens(index, num_experts))
             return kron_moe_forward_sparse(x, routing.gates, routing.topk_index, *experts, dispatch, recompute)
         return kron_moe_forward(x, routing.gates, *experts, recompute)
 

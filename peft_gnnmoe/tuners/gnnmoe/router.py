@@ -153,7 +153,7 @@ class GraphRouter(nn.Module):
         self.token_mask: torch.Tensor | None = None
         self.pixel_grid: tuple[int, int] | None = None
         self._cache: tuple | None = None
-        self._shared: list[tuple] = []  # (kind, routing, input, version, value) of ``shared``
+        self._shared: list[tuple] = []  # (routing, input, version, value) of ``shared``
         self.register_load_state_dict_pre_hook(_upgrade_old_router_keys)
 
     @property
@@ -177,16 +177,15 @@ class GraphRouter(nn.Module):
         self.routings.append(routing)
         return routing
 
-    def shared(self, routing: Routing, tokens: torch.Tensor, kind: str, build: Callable[[], Any]) -> Any:
-        """``build()``, computed once per ``kind``, ``routing`` of this router and input ``tokens`` within a forward
-        pass: the layers that share the router and the input (q / k / v) share the result (their tokens grouped by
-        expert)."""
+    def shared(self, routing: Routing, tokens: torch.Tensor, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per ``routing`` of this router and input ``tokens`` within a forward pass: the
+        layers that share the router and the input (q / k / v) share the result (their tokens grouped by expert)."""
         version = _version(tokens)
-        for seen_kind, seen_routing, seen_tokens, seen_version, value in self._shared:
-            if seen_kind == kind and seen_routing is routing and seen_tokens is tokens and seen_version == version:
+        for seen_routing, seen_tokens, seen_version, value in self._shared:
+            if seen_routing is routing and seen_tokens is tokens and seen_version == version:
                 return value
         value = build()
-        self._shared.append((kind, routing, tokens, version, value))
+        self._shared.append((routing, tokens, version, value))
         return value
 
     def start_forward(self, token_mask: torch.Tensor | None = None, pixel_grid: tuple[int, int] | None = None) -> None:

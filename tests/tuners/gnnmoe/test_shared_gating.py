@@ -64,7 +64,7 @@ def test_shared_grouped_tokens_give_the_gradients_of_separate_ones(make_vit, ima
     model(pixel_values=images.double(), labels=labels).loss.backward()
     shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.setattr(GraphRouter, "shared", lambda self, routing, tokens, kind, build: build())  # nothing shared
+    monkeypatch.setattr(GraphRouter, "shared", lambda self, routing, tokens, build: build())  # nothing shared
     model(pixel_values=images.double(), labels=labels).loss.backward()
     assert shared
     for name, param in model.named_parameters():
