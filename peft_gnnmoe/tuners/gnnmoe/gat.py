@@ -1,85 +1,142 @@
-"""The GAT router's convolution without (B, heads, N, N) tensors kept for the backward pass.
+"""The GAT router's convolution: attention over the graph's links only, nothing (B, heads, N, N) kept for backward.
 
-torch_geometric's ``DenseGATConv`` computes its attention coefficients with autograd on (B, N, N, heads) tensors and
-keeps two or three of them per layer until the backward pass (on the ViT-S/16 shape, 16 routers: about 200 MB, the
-GAT router's whole memory excess over GCN). ``GraphAttention`` computes the same coefficients and their gradients
-itself, one head at a time, and keeps only the per-node scores, the values, the output and the adjacency: the
-coefficients are recomputed in the backward pass, a few elementwise passes. ``LeanDenseGATConv`` is
-``DenseGATConv`` (same parameters, same state dict) with its attention through it.
+torch_geometric's ``DenseGATConv`` computes its attention coefficients with autograd on (B, N, N, heads) tensors: a
+dozen elementwise passes over every token pair, and two or three of those tensors kept per layer until the backward
+pass. The token graphs are sparse (kNN 8 + grid 4: about 15 links per node with the self-loop, against 197 tokens on
+ViT-S/16), so ``graph_attention`` computes the coefficients and their gradients on the links alone, (E, heads), with
+segment reductions over each node's links for the softmax. Only the products with the values stay dense: one head at
+a time, the coefficients are scattered into a (B, N, N) matrix that lives for one batched matmul. It keeps the
+per-node scores, the values, the output and the bool graph for the backward pass, which finds the links and the
+coefficients again. ``LeanDenseGATConv`` is ``DenseGATConv`` (same parameters, same state dict) with its attention
+through it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 from torch_geometric.nn.dense import DenseGATConv
 
 
-def _coefficients(src: torch.Tensor, dst: torch.Tensor, adj: torch.Tensor, slope: float):
-    """``softmax_j leaky_relu(dst_i + src_j)`` over the neighbours ``j`` of ``i`` (B, H, N, N), and where the scores
-    ``dst_i + src_j`` are positive (bool). One float (B, H, N, N) tensor at a time besides the result."""
-    scores = dst.unsqueeze(-1) + src.unsqueeze(-2)  # b, h, i, j
+def graph_links(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The links ``i -> j`` (node ``i`` attends to node ``j``) of the graphs ``adj`` (B, N, N; nonzero = linked) with
+    self-loops added, sorted by ``i``: their rows ``b*N + i``, columns ``b*N + j`` and offsets ``b*N*N + i*N + j`` into
+    the adjacency, int64 (E,) each."""
+    nodes = adj.shape[-1]
+    linked = adj.to(torch.bool, copy=True)  # contiguous (also from an expanded adj), and the self-loops go in
+    linked.diagonal(dim1=-2, dim2=-1).fill_(True)
+    batch, i, j = linked.nonzero().unbind(1)
+    first = batch * nodes
+    rows = first + i
+    return rows, first + j, rows * nodes + j
+
+
+def _coefficients(src, dst, rows, cols, slope: float):
+    """``softmax_j leaky_relu(dst_i + src_j)`` over the links ``i -> j`` at ``rows``, ``cols`` (E, H, float32 or
+    wider), and where the scores ``dst_i + src_j`` are positive (bool)."""
+    batch, heads, nodes = src.shape
+    dtype = torch.promote_types(src.dtype, torch.float32)
+    dst_n, src_n = (t.to(dtype).transpose(1, 2).reshape(batch * nodes, heads) for t in (dst, src))
+    scores = dst_n.index_select(0, rows).add_(src_n.index_select(0, cols))
     positive = scores > 0
-    scores = F.leaky_relu(scores, slope, inplace=True).masked_fill_(~adj, float("-inf"))
-    return scores.softmax(dim=-1), positive
+    scores = F.leaky_relu(scores, slope, inplace=True)
+    counts = torch.bincount(rows, minlength=batch * nodes)  # every node has its self-loop: no empty segment
+    top = torch.segment_reduce(scores, "max", lengths=counts, axis=0)
+    probs = scores.sub_(top.index_select(0, rows)).exp_()
+    probs.div_(torch.segment_reduce(probs, "sum", lengths=counts, axis=0).index_select(0, rows))
+    return probs, positive
 
 
-def _attend(src, dst, values, adj, slope: float) -> torch.Tensor:
-    probs, _ = _coefficients(src, dst, adj, slope)
-    return probs.to(values.dtype) @ values
+def _attention_matrix(probs: torch.Tensor, offsets: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+    """One head's (B, N, N) attention matrix: the coefficients ``probs`` (E,) at the links' ``offsets``, zero
+    elsewhere."""
+    matrix = torch.zeros(shape, dtype=dtype, device=probs.device)
+    return matrix.view(-1).index_copy_(0, offsets, probs.to(dtype)).view(shape)
 
 
-def _attend_backward(src, dst, values, adj, out, grad_out, slope: float):
-    """Gradients of ``_attend`` with respect to ``src``, ``dst`` and ``values``; ``out`` is its output."""
-    probs, positive = _coefficients(src, dst, adj, slope)
+@torch.library.custom_op("peft_gnnmoe::graph_attention", mutates_args=())
+def graph_attention(
+    src: torch.Tensor, dst: torch.Tensor, values: torch.Tensor, adj: torch.Tensor, slope: float
+) -> torch.Tensor:
+    """``out[b, h, i] = sum_j P[b, h, i, j] values[b, h, j]`` with ``P`` the softmax over the links ``i -> j`` of the
+    graphs ``adj`` (B, N, N bool; self-loops added) of ``leaky_relu(dst[b, h, i] + src[b, h, j])``; ``src``, ``dst``
+    (B, H, N), ``values`` (B, H, N, C). Saves no (B, H, N, N) tensor for the backward pass, and builds one head's
+    (B, N, N) attention matrix at a time.
+
+    An operator of its own (not an autograd.Function), so that torch.compile sees one call: finding the links has a
+    data-dependent size."""
+    batch, heads, nodes = src.shape
+    rows, cols, offsets = graph_links(adj)
+    probs = _coefficients(src, dst, rows, cols, slope)[0].t().contiguous()  # H, E
+    shape = (batch, nodes, nodes)
+    outs = [_attention_matrix(probs[h], offsets, shape, values.dtype) @ values[:, h] for h in range(heads)]
+    return torch.stack(outs, dim=1)
+
+
+@graph_attention.register_fake
+def _(src, dst, values, adj, slope):
+    return torch.empty(values.shape, dtype=values.dtype, device=values.device)
+
+
+@register_flop_formula(torch.ops.peft_gnnmoe.graph_attention)
+def _graph_attention_flops(src_shape, dst_shape, values_shape, adj_shape, slope, *, out_shape=None, **kwargs) -> int:
+    """FLOPs as computed: the (dense) attention matrices times the values; the coefficients are elementwise work,
+    which FlopCounterMode does not count for any operator."""
+    batch, heads, nodes, channels = values_shape
+    return 2 * batch * heads * nodes * nodes * channels
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    src, dst, values, adj, slope = inputs
+    ctx.save_for_backward(src, dst, values, adj, output)
+    ctx.slope = slope
+
+
+def _graph_attention_backward(ctx, grad_out):
+    src, dst, values, adj, out = ctx.saved_tensors
+    batch, heads, nodes = src.shape
+    rows, cols, offsets = graph_links(adj)
+    probs, positive = _coefficients(src, dst, rows, cols, ctx.slope)
     grad_out = grad_out.to(values.dtype)
-    grad_values = probs.to(values.dtype).transpose(-1, -2) @ grad_out
-    grad = (grad_out @ values.transpose(-1, -2)).to(probs.dtype)  # G = d out / d P
-    # softmax: P (G - sum_j G_ij P_ij), the sum being grad_out_i . out_i; zero off the graph
-    grad.sub_((grad_out.to(probs.dtype) * out.to(probs.dtype)).sum(-1, keepdim=True)).mul_(probs)
-    del probs
-    grad.mul_(positive.to(grad.dtype).mul_(1 - slope).add_(slope))  # leaky ReLU: 1 or the slope
-    return grad.sum(-2).to(src.dtype), grad.sum(-1).to(dst.dtype), grad_values
+    shape = (batch, nodes, nodes)
+    grad_values, grad = [], []
+    for h, probs_h in enumerate(probs.t().contiguous()):  # one (B, N, N) matrix at a time
+        grad_values.append(_attention_matrix(probs_h, offsets, shape, values.dtype).transpose(1, 2) @ grad_out[:, h])
+        grad.append((grad_out[:, h] @ values[:, h].transpose(1, 2)).view(-1).index_select(0, offsets))  # d out / d P
+    grad = torch.stack(grad, dim=1).to(probs.dtype)  # E, H: on the links only
+    # softmax: P (G - sum_j G_ij P_ij), the sum being grad_out_i . out_i
+    row_sums = (grad_out * out.to(grad_out.dtype)).sum(-1).transpose(1, 2).reshape(batch * nodes, heads)
+    grad = grad.sub_(row_sums.to(probs.dtype).index_select(0, rows)).mul_(probs)
+    grad.mul_(positive.to(grad.dtype).mul_(1 - ctx.slope).add_(ctx.slope))  # leaky ReLU: 1 or the slope
+    counts = torch.bincount(rows, minlength=batch * nodes)
+    grad_dst = torch.segment_reduce(grad, "sum", lengths=counts, axis=0)
+    grad_src = torch.zeros_like(grad_dst).index_add_(0, cols, grad)
+
+    def per_head(grad_nodes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return grad_nodes.view(batch, nodes, heads).transpose(1, 2).to(like.dtype)
+
+    return per_head(grad_src, src), per_head(grad_dst, dst), torch.stack(grad_values, dim=1), None, None
 
 
-class GraphAttention(torch.autograd.Function):
-    """``out[b, h, i] = sum_j P[b, h, i, j] values[b, h, j]`` with ``P`` as in ``_coefficients``; every node needs a
-    neighbour (a self-loop). Saves no (B, H, N, N) tensor for the backward pass, and works one head at a time: two
-    float (B, N, N) tensors (and a bool one) at a time."""
-
-    @staticmethod
-    def forward(ctx, src, dst, values, adj, slope: float):  # src, dst: (B, H, N); values (B, H, N, C); adj bool
-        heads = zip(src.split(1, 1), dst.split(1, 1), values.split(1, 1))
-        out = torch.cat([_attend(s, d, v, adj, slope) for s, d, v in heads], dim=1)
-        ctx.save_for_backward(src, dst, values, adj, out)
-        ctx.slope = slope
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        src, dst, values, adj, out = ctx.saved_tensors
-        heads = zip(src.split(1, 1), dst.split(1, 1), values.split(1, 1), out.split(1, 1), grad_out.split(1, 1))
-        grads = [_attend_backward(s, d, v, adj, o, g, ctx.slope) for s, d, v, o, g in heads]
-        grad_src, grad_dst, grad_values = (torch.cat(parts, dim=1) for parts in zip(*grads))
-        return grad_src, grad_dst, grad_values, None, None
+graph_attention.register_autograd(_graph_attention_backward, setup_context=_save_for_backward)
 
 
 class LeanDenseGATConv(DenseGATConv):
-    """``DenseGATConv`` (concatenated heads, self-loops added, no attention dropout) whose attention keeps no
-    (B, N, N, heads) tensor for the backward pass; same parameters and outputs."""
+    """``DenseGATConv`` (concatenated heads, self-loops added, no attention dropout) whose attention runs over the
+    graph's links only and keeps no (B, N, N, heads) tensor for the backward pass; same parameters and outputs."""
 
     def forward(self, x: torch.Tensor, adj: torch.Tensor, mask: torch.Tensor | None = None, add_loop: bool = True):
         if mask is not None or not add_loop or not self.concat or self.dropout > 0:
             return super().forward(x, adj, mask, add_loop)
         x = x.unsqueeze(0) if x.dim() == 2 else x
-        adj = adj.unsqueeze(0) if adj.dim() == 2 else adj
         batch, nodes, _ = x.shape
         heads, channels = self.heads, self.out_channels
         h = self.lin(x).view(batch, nodes, heads, channels)
-        # b, h, n; contiguous, so that the (b, h, n, n) scores are too (softmax would copy them)
-        src = (h * self.att_src).sum(-1).transpose(1, 2).contiguous()
-        dst = (h * self.att_dst).sum(-1).transpose(1, 2).contiguous()
-        linked = (adj != 0) | torch.eye(nodes, dtype=torch.bool, device=adj.device)
-        out = GraphAttention.apply(src, dst, h.transpose(1, 2), linked.unsqueeze(1), self.negative_slope)
+        src = (h * self.att_src).sum(-1).transpose(1, 2)  # b, h, n
+        dst = (h * self.att_dst).sum(-1).transpose(1, 2)
+        linked = adj if adj.dtype == torch.bool else adj != 0
+        linked = linked.expand(batch, nodes, nodes)  # (N, N) or (1, N, N): one graph for the whole batch
+        out = graph_attention(src, dst, h.transpose(1, 2), linked, self.negative_slope)
         out = out.transpose(1, 2).reshape(batch, nodes, heads * channels)
         return out + self.bias if self.bias is not None else out

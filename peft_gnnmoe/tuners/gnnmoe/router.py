@@ -268,7 +268,8 @@ class GraphRouter(nn.Module):
         passing). With ``recompute`` it runs under activation checkpointing while training: its backward pass computes
         it again (the router's share of a step's work is small, its activations are not: the graph in float, two or
         three hidden states per node)."""
-        adj = None if adj is None else adj.to(h.dtype)
+        if adj is not None and self.kind != "gat":  # GAT attends over the bool graph's links
+            adj = adj.to(h.dtype)
         for i, conv in enumerate(self.convs):
             if i > 0:
                 h = F.dropout(F.gelu(h), p=self.dropout, training=self.training)

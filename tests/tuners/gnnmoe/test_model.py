@@ -202,10 +202,12 @@ def test_unload_restores_base_and_merge_is_refused_clearly(images, labels, make_
     torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, labels))
 
 
-def test_gradient_checkpointing_gives_same_loss_and_grads(images, labels, make_vit):
+@pytest.mark.parametrize("router", ["gcn", "gat"])  # GAT: the router's selective checkpoint inside the model's
+def test_gradient_checkpointing_gives_same_loss_and_grads(images, labels, make_vit, router):
     def run(checkpointing):
         torch.manual_seed(0)
-        model = get_peft_model(make_vit(), GNNMoEConfig(init_weights=False, modules_to_save=["classifier"]))
+        config = GNNMoEConfig(router=router, init_weights=False, modules_to_save=["classifier"])
+        model = get_peft_model(make_vit(), config)
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()
