@@ -15,13 +15,13 @@ import torch
 from torch.autograd.function import FunctionCtx
 
 
-def _save_autocast(ctx: FunctionCtx, device_type: str) -> None:
+def save_autocast(ctx: FunctionCtx, device_type: str) -> None:
     ctx.device_type = device_type
     ctx.autocast = torch.is_autocast_enabled(device_type)
     ctx.autocast_dtype = torch.get_autocast_dtype(device_type)
 
 
-def _replay_autocast(ctx: FunctionCtx) -> torch.autocast:
+def replay_autocast(ctx: FunctionCtx) -> torch.autocast:
     return torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast)
 
 
@@ -51,7 +51,7 @@ class BlockedKronExperts(torch.autograd.Function):
         _, u, z, gated = _blocked_intermediates(x.reshape(-1, p), gates, rules, left)
         y = gated.view(num_experts * n * r, -1).t() @ right.reshape(num_experts * n * r, q)  # (T c), d
         ctx.save_for_backward(x, gates, rules, left, right, *((u, z, gated) if keep else ()))
-        _save_autocast(ctx, x.device.type)
+        save_autocast(ctx, x.device.type)
         return y.view(x.shape[0], n * q)
 
     @staticmethod
@@ -59,7 +59,7 @@ class BlockedKronExperts(torch.autograd.Function):
         x, gates, rules, left, right, *kept = ctx.saved_tensors
         num_experts, n, p, r = left.shape
         q = right.shape[-1]
-        with _replay_autocast(ctx):
+        with replay_autocast(ctx):
             blocks = x.reshape(-1, p)
             tokens = x.shape[0]
             if kept:
@@ -86,14 +86,14 @@ class GatedExpertMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gates, weights):
         ctx.save_for_backward(x, gates, weights)
-        _save_autocast(ctx, x.device.type)
+        save_autocast(ctx, x.device.type)
         return gate_tokens(x, gates) @ weights
 
     @staticmethod
     def backward(ctx, grad_y):
         x, gates, weights = ctx.saved_tensors
         num_experts = gates.shape[-1]
-        with _replay_autocast(ctx):  # one (T, E in) tensor at a time: the gated tokens, then their gradient
+        with replay_autocast(ctx):  # one (T, E in) tensor at a time: the gated tokens, then their gradient
             grad_weights = gate_tokens(x, gates).t() @ grad_y if ctx.needs_input_grad[2] else None
             d_gated = (grad_y @ weights.t()).view(x.shape[0], num_experts, x.shape[1])
             grad_x = None
