@@ -55,8 +55,9 @@ def _per_expert(
 
 
 def _grouped_intermediates(rows, counts, rules, left):
-    """The grouped order up to its last matmul: the left factors as (E, p, n r) matrices, ``u`` (k, rows r, a) and the
-    rules applied ``z`` ((rows c), (k r)), as ``kron_experts_grouped`` computes them."""
+    """The grouped order up to its last matmul, expert ``e`` taking the next ``counts[e]`` rows: the left factors as
+    (E, p, n r) matrices, ``u`` (k, rows r, a) and the rules applied, ``z`` ((rows c), (k r)); the last matmul is
+    ``z`` times each expert's right factors."""
     num_experts, n, p, r = left.shape
     total = rows.shape[0]
     lefts = left.permute(0, 2, 1, 3).reshape(num_experts, p, n * r)
@@ -64,17 +65,6 @@ def _grouped_intermediates(rows, counts, rules, left):
     u = u.view(total, n, n, r).permute(2, 0, 3, 1).reshape(n, total * r, n)  # k, (rows r), a
     z = (u @ rules).view(n, total, r, n).permute(1, 3, 0, 2).reshape(total * n, n * r)  # (rows c), (k r)
     return lefts, u, z
-
-
-def kron_experts_grouped(
-    rows: torch.Tensor, counts: list[int], rules: torch.Tensor, left: torch.Tensor, right: torch.Tensor
-) -> torch.Tensor:
-    """``x H_e`` for every row, expert ``e`` taking the next ``counts[e]`` rows; shape (rows, out_features)."""
-    num_experts, n, _, r = left.shape
-    q = right.shape[-1]
-    _, _, z = _grouped_intermediates(rows, counts, rules, left)
-    y = _per_expert(z, right.reshape(num_experts, n * r, q), [c * n for c in counts])  # (rows c), d
-    return y.view(rows.shape[0], n * q)
 
 
 class SparseKronExperts(torch.autograd.Function):
