@@ -65,9 +65,10 @@ FOLD_MAX_NUMEL = 2**16
 DENSE_MAX_NUMEL = 2**16
 # The sparse order (sparse.py) is taken from this many experts per chosen one. Measured by
 # benchmarks/bench_kron_orders.py on 64- to 768-wide layers, forward + backward as training runs them (recomputing
-# their intermediates; docs/results/benchmarks.md): with 8 per choice it took 0.43-0.94x the dense order's time at
-# top-1 and top-2; with 4 per choice 0.94-1.47x at top-1 and 1.02-1.60x at top-2 (each chosen expert's output is
-# materialised, where the dense orders sum the experts inside one matmul); with 2, 1.21-5.71x.
+# their intermediates; docs/results/benchmarks.md): with 8 per choice it took 0.35-0.72x the dense order's time at
+# top-1 and top-2; with 4 per choice 0.64-1.10x at top-1 and 0.83-1.13x at top-2, losing on 64-wide layers (each
+# chosen expert's output is materialised, where the dense orders sum the experts inside one matmul); with 2,
+# 0.85-4.47x.
 SPARSE_EXPERTS_PER_CHOICE = 8
 
 

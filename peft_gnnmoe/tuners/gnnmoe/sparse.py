@@ -158,7 +158,7 @@ def kron_moe_forward_sparse(
         gates: routing weights, shape (..., E), read at ``topk_index`` only.
         topk_index: the chosen experts, shape (..., k).
         dispatch: ``dispatch_tokens(topk_index, E)`` when the caller has it already (q / k / v share it).
-        recompute: run the experts under activation checkpointing (keep their inputs only).
+        recompute: keep only the tokens, gates and indices for the backward pass, which recomputes the rest.
 
     Returns:
         Tensor of shape (..., out_features), equal to the dense orders' result.
