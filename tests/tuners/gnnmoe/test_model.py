@@ -202,7 +202,7 @@ def test_unload_restores_base_and_merge_is_refused_clearly(images, labels, make_
     torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, labels))
 
 
-@pytest.mark.parametrize("router", ["gcn", "gat"])  # GAT: the router's selective checkpoint inside the model's
+@pytest.mark.parametrize("router", ["gcn", "gat"])  # GAT: its attention operator inside checkpointed blocks
 def test_gradient_checkpointing_gives_same_loss_and_grads(images, labels, make_vit, router):
     def run(checkpointing):
         torch.manual_seed(0)
