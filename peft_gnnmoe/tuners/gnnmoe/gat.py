@@ -19,29 +19,28 @@ from torch.utils.flop_counter import register_flop_formula
 from torch_geometric.nn.dense import DenseGATConv
 
 
-def graph_links(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def graph_links(adj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The links ``i -> j`` (node ``i`` attends to node ``j``) of the graphs ``adj`` (B, N, N; nonzero = linked) with
     self-loops added, sorted by ``i``: their rows ``b*N + i``, columns ``b*N + j`` and offsets ``b*N*N + i*N + j`` into
-    the adjacency, int64 (E,) each."""
+    the adjacency, int64 (E,) each, and the links of every node (B*N,): the segments of the softmax, none empty."""
     nodes = adj.shape[-1]
     linked = adj.to(torch.bool, copy=True)  # contiguous (also from an expanded adj), and the self-loops go in
     linked.diagonal(dim1=-2, dim2=-1).fill_(True)
     batch, i, j = linked.nonzero().unbind(1)
     first = batch * nodes
     rows = first + i
-    return rows, first + j, rows * nodes + j
+    return rows, first + j, rows * nodes + j, torch.bincount(rows, minlength=linked.shape[0] * nodes)
 
 
-def _coefficients(src, dst, rows, cols, slope: float):
+def _coefficients(src, dst, rows, cols, counts, slope: float):
     """``softmax_j leaky_relu(dst_i + src_j)`` over the links ``i -> j`` at ``rows``, ``cols`` (E, H, float32 or
-    wider), and where the scores ``dst_i + src_j`` are positive (bool)."""
+    wider; ``counts`` links per node), and where the scores ``dst_i + src_j`` are positive (bool)."""
     batch, heads, nodes = src.shape
     dtype = torch.promote_types(src.dtype, torch.float32)
     dst_n, src_n = (t.to(dtype).transpose(1, 2).reshape(batch * nodes, heads) for t in (dst, src))
     scores = dst_n.index_select(0, rows).add_(src_n.index_select(0, cols))
     positive = scores > 0
     scores = F.leaky_relu(scores, slope, inplace=True)
-    counts = torch.bincount(rows, minlength=batch * nodes)  # every node has its self-loop: no empty segment
     top = torch.segment_reduce(scores, "max", lengths=counts, axis=0)
     probs = scores.sub_(top.index_select(0, rows)).exp_()
     probs.div_(torch.segment_reduce(probs, "sum", lengths=counts, axis=0).index_select(0, rows))
@@ -67,8 +66,8 @@ def graph_attention(
     An operator of its own (not an autograd.Function), so that torch.compile sees one call: finding the links has a
     data-dependent size."""
     batch, heads, nodes = src.shape
-    rows, cols, offsets = graph_links(adj)
-    probs = _coefficients(src, dst, rows, cols, slope)[0].t().contiguous()  # H, E
+    rows, cols, offsets, counts = graph_links(adj)
+    probs = _coefficients(src, dst, rows, cols, counts, slope)[0].t().contiguous()  # H, E
     shape = (batch, nodes, nodes)
     outs = [_attention_matrix(probs[h], offsets, shape, values.dtype) @ values[:, h] for h in range(heads)]
     return torch.stack(outs, dim=1)
@@ -96,8 +95,8 @@ def _save_for_backward(ctx, inputs, output) -> None:
 def _graph_attention_backward(ctx, grad_out):
     src, dst, values, adj, out = ctx.saved_tensors
     batch, heads, nodes = src.shape
-    rows, cols, offsets = graph_links(adj)
-    probs, positive = _coefficients(src, dst, rows, cols, ctx.slope)
+    rows, cols, offsets, counts = graph_links(adj)
+    probs, positive = _coefficients(src, dst, rows, cols, counts, ctx.slope)
     grad_out = grad_out.to(values.dtype)
     shape = (batch, nodes, nodes)
     grad_values, grad = [], []
@@ -109,7 +108,6 @@ def _graph_attention_backward(ctx, grad_out):
     row_sums = (grad_out * out.to(grad_out.dtype)).sum(-1).transpose(1, 2).reshape(batch * nodes, heads)
     grad = grad.sub_(row_sums.to(probs.dtype).index_select(0, rows)).mul_(probs)
     grad.mul_(positive.to(grad.dtype).mul_(1 - ctx.slope).add_(ctx.slope))  # leaky ReLU: 1 or the slope
-    counts = torch.bincount(rows, minlength=batch * nodes)
     grad_dst = torch.segment_reduce(grad, "sum", lengths=counts, axis=0)
     grad_src = torch.zeros_like(grad_dst).index_add_(0, cols, grad)
 

@@ -25,6 +25,12 @@ def replay_autocast(ctx: FunctionCtx) -> torch.autocast:
     return torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast)
 
 
+def _left_matrix(left: torch.Tensor) -> torch.Tensor:
+    """The left factors (E, n, p, r) as one (E n r, p) matrix, the left operand of ``U = L xᵀ``."""
+    num_experts, n, p, r = left.shape
+    return left.transpose(2, 3).reshape(num_experts * n * r, p)
+
+
 def _blocked_intermediates(
     blocks: torch.Tensor, gates: torch.Tensor, rules: torch.Tensor, left: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +38,7 @@ def _blocked_intermediates(
     applied ``z`` (e, k, r T, c) and the gated ``z`` (e, k r, T, c)."""
     num_experts, n, p, r = left.shape
     tokens = blocks.shape[0] // n
-    lefts = left.transpose(2, 3).reshape(num_experts * n * r, p)
+    lefts = _left_matrix(left)
     u = lefts @ blocks.t()
     z = u.view(num_experts, n, r * tokens, n) @ rules.unsqueeze(0)
     gated = z.view(num_experts, n * r, tokens, n) * gates.t().to(z.dtype)[:, None, :, None]
@@ -63,7 +69,7 @@ class BlockedKronExperts(torch.autograd.Function):
             blocks = x.reshape(-1, p)
             tokens = x.shape[0]
             if kept:
-                lefts, (u, z, gated) = left.transpose(2, 3).reshape(num_experts * n * r, p), kept
+                lefts, (u, z, gated) = _left_matrix(left), kept
             else:
                 lefts, u, z, gated = _blocked_intermediates(blocks, gates, rules, left)
             dy = grad_y.reshape(tokens * n, q)

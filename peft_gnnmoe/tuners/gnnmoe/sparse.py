@@ -54,13 +54,19 @@ def _per_expert(
     return torch.cat([block @ weights[e] for e, block in enumerate(parts)])
 
 
+def _left_matrices(left: torch.Tensor) -> torch.Tensor:
+    """The left factors (E, n, p, r) as one (p, n r) matrix per expert: (E, p, n r)."""
+    num_experts, n, p, r = left.shape
+    return left.permute(0, 2, 1, 3).reshape(num_experts, p, n * r)
+
+
 def _grouped_intermediates(rows, counts, rules, left):
     """The grouped order up to its last matmul, expert ``e`` taking the next ``counts[e]`` rows: the left factors as
     (E, p, n r) matrices, ``u`` (k, rows r, a) and the rules applied, ``z`` ((rows c), (k r)); the last matmul is
     ``z`` times each expert's right factors."""
-    num_experts, n, p, r = left.shape
+    _, n, p, r = left.shape
     total = rows.shape[0]
-    lefts = left.permute(0, 2, 1, 3).reshape(num_experts, p, n * r)
+    lefts = _left_matrices(left)
     u = _per_expert(rows.view(total * n, p), lefts, [c * n for c in counts])  # (rows a), (k r)
     u = u.view(total, n, n, r).permute(2, 0, 3, 1).reshape(n, total * r, n)  # k, (rows r), a
     z = (u @ rules).view(n, total, r, n).permute(1, 3, 0, 2).reshape(total * n, n * r)  # (rows c), (k r)
@@ -98,7 +104,7 @@ class SparseKronExperts(torch.autograd.Function):
         with replay_autocast(ctx):
             if kept:
                 rows, u, z = kept
-                lefts = left.permute(0, 2, 1, 3).reshape(num_experts, p, n * r)
+                lefts = _left_matrices(left)
             else:
                 rows = tokens.index_select(0, dispatch.token)
                 lefts, u, z = _grouped_intermediates(rows, dispatch.counts, rules, left)
